@@ -9,7 +9,40 @@
 //! - [`extract_vmlinux`] turns a bzImage into its uncompressed ELF vmlinux.
 
 pub mod cpio {
-    //! newc cpio writer (placeholder; see crate docs).
+    //! newc cpio writer (placeholder; see crate docs). Signatures are the contract.
+    use std::io::{self, Write};
+
+    /// Writes a newc ("070701") cpio archive, as the kernel's initramfs unpacker reads it.
+    pub struct Writer<W: Write> {
+        out: W,
+    }
+
+    impl<W: Write> Writer<W> {
+        /// Starts an archive on `out`.
+        pub fn new(out: W) -> Self {
+            Self { out }
+        }
+        /// Adds a directory (`mode` = permission bits, e.g. 0o755).
+        pub fn dir(&mut self, _path: &str, _mode: u32) -> io::Result<()> {
+            todo!()
+        }
+        /// Adds a regular file with these contents.
+        pub fn file(&mut self, _path: &str, _mode: u32, _data: &[u8]) -> io::Result<()> {
+            todo!()
+        }
+        /// Adds a symbolic link.
+        pub fn symlink(&mut self, _path: &str, _target: &str) -> io::Result<()> {
+            todo!()
+        }
+        /// Adds a character device node.
+        pub fn char_dev(&mut self, _path: &str, _mode: u32, _major: u32, _minor: u32) -> io::Result<()> {
+            todo!()
+        }
+        /// Writes the trailer and returns the output.
+        pub fn finish(self) -> io::Result<W> {
+            Ok(self.out)
+        }
+    }
 }
 
 use std::path::{Path, PathBuf};
