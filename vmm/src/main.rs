@@ -1,1 +1,76 @@
-fn main() {}
+//! `hull-vmm`: boots one microVM and exits when the guest powers off or reboots.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use hull_vmm::config::DEFAULT_CMDLINE;
+use hull_vmm::{build_microvm, ConsoleConfig, VmConfig};
+
+/// Hull's minimal KVM VMM: boots a Linux kernel (bzImage, or ELF vmlinux via PVH) with ACPI.
+#[derive(Parser)]
+#[command(name = "hull-vmm", version)]
+struct Cli {
+    /// Guest kernel: a bzImage or an ELF vmlinux.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u32,
+    /// Serial console: stdout, off, or file:PATH.
+    #[arg(long, default_value = "stdout")]
+    console: ConsoleConfig,
+    /// Declare the kernel PVM-capable (built with CONFIG_PVM_GUEST), so it may boot on a PVM host.
+    #[arg(long)]
+    pvm_guest: bool,
+    /// KVM device.
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm: PathBuf,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HULL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let config = VmConfig {
+        kernel: cli.kernel,
+        initrd: cli.initrd,
+        cmdline: cli.cmdline,
+        vcpus: cli.vcpus,
+        memory_mib: cli.memory,
+        console: cli.console,
+        pvm_guest: cli.pvm_guest,
+        kvm_path: cli.kvm,
+    };
+    let vmm = match build_microvm(&config) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("hull-vmm: error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match vmm.wait() {
+        Ok(reason) => {
+            eprintln!("hull-vmm: {reason}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hull-vmm: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

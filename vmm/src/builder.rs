@@ -1,0 +1,206 @@
+//! Assembling a microVM from a [`VmConfig`]: host checks, memory, kernel, ACPI, devices, vCPUs.
+//! A plain function over the config, as Firecracker's `build_microvm_for_boot`.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::load_cmdline;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::acpi::{self, AcpiError, Com1};
+use crate::arch::layout::{irq, pio, CMDLINE_MAX_SIZE, CMDLINE_START, MMIO_GAP_START};
+use crate::arch::x86_64::regs::BootEntry;
+use crate::boot::{self, BootError, KernelFormat};
+use crate::config::{ConfigError, ConsoleConfig, VmConfig};
+use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::serial::{ConsoleSink, SerialDevice};
+use crate::devices::legacy::EventFdTrigger;
+use crate::devices::power::PowerDevice;
+use crate::host::{self, HostError};
+use crate::kvm::bus::{Bus, BusOverlap};
+use crate::kvm::vcpu::{self, Vcpu, VcpuError, VcpuSetup};
+use crate::kvm::vm::{self, VmError};
+use crate::memory::{self, MemoryError};
+use crate::vmm::{ExitNotifier, Vmm};
+
+/// Why the microVM could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The host cannot run it.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// KVM VM set-up.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel, initrd or command line.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    /// vCPU set-up.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Device placement.
+    #[error("device layout: {0}")]
+    Bus(#[from] BusOverlap),
+    /// The console file.
+    #[error("cannot open console file {0}: {1}")]
+    Console(String, std::io::Error),
+    /// An eventfd or irqfd.
+    #[error("cannot set up the {0} interrupt: {1}")]
+    Irq(&'static str, std::io::Error),
+    /// The kick signal handler.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+fn console_sink(cfg: &ConsoleConfig) -> Result<ConsoleSink, BuildError> {
+    let out: Box<dyn Write + Send> = match cfg {
+        ConsoleConfig::Stdout => Box::new(std::io::stdout()),
+        ConsoleConfig::Off => Box::new(std::io::sink()),
+        ConsoleConfig::File(p) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| BuildError::Console(p.display().to_string(), e))?,
+        ),
+    };
+    Ok(ConsoleSink::new(out))
+}
+
+fn load_cmdline_into(mem: &vm_memory::GuestMemoryMmap, cmdline: &str) -> Result<usize, BootError> {
+    let cl = Cmdline::try_from(cmdline, CMDLINE_MAX_SIZE)
+        .map_err(|e| BootError::Cmdline(format!("{e} (at most {} bytes)", CMDLINE_MAX_SIZE - 1)))?;
+    load_cmdline(mem, vm_memory::GuestAddress(CMDLINE_START), &cl)
+        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    Ok(cmdline.len() + 1)
+}
+
+/// Builds the microVM described by `config` and starts its vCPUs.
+pub fn build_microvm(config: &VmConfig) -> Result<Vmm, BuildError> {
+    let started = Instant::now();
+    config.validate()?;
+    host::check(&config.kvm_path, Path::new("/sys/module"), config.pvm_guest)?;
+    let kvm = vm::open_kvm(&config.kvm_path)?;
+
+    let mem_size = u64::from(config.memory_mib) << 20;
+    let (mem, memfd) = memory::create_guest_memory(mem_size)?;
+    let vm = vm::create_vm(&kvm, &mem)?;
+    tracing::debug!(us = started.elapsed().as_micros() as u64, "VM and memory ready");
+
+    // Kernel, command line, initrd, boot parameters.
+    let kernel = boot::load_kernel(&mem, &config.kernel)?;
+    let cmdline_size = load_cmdline_into(&mem, &config.cmdline)?;
+    let low_end = mem_size.min(MMIO_GAP_START);
+    let initrd_max = match &kernel.setup_header {
+        Some(h) if h.initrd_addr_max != 0 => low_end.min(u64::from(h.initrd_addr_max) + 1),
+        _ => low_end,
+    };
+    if kernel.end >= low_end {
+        return Err(BootError::TooSmall {
+            what: "the kernel",
+            need: kernel.end,
+            at: 0,
+            end: low_end,
+        }
+        .into());
+    }
+    let initrd = match &config.initrd {
+        Some(p) => Some(boot::load_initrd(&mem, p, kernel.end, initrd_max)?),
+        None => None,
+    };
+    let entry = match (kernel.format, kernel.pvh_entry) {
+        (KernelFormat::Elf, Some(pvh)) => {
+            boot::write_pvh_start_info(&mem, CMDLINE_START, initrd, mem_size)?;
+            BootEntry::Pvh {
+                entry: pvh,
+                start_info: crate::arch::layout::PVH_INFO_START,
+            }
+        }
+        _ => {
+            boot::write_linux_boot_params(
+                &mem,
+                kernel.setup_header,
+                CMDLINE_START,
+                cmdline_size,
+                initrd,
+                mem_size,
+            )?;
+            BootEntry::Linux64 {
+                entry: kernel.entry,
+                zero_page: crate::arch::layout::ZERO_PAGE_START,
+            }
+        }
+    };
+    acpi::create_acpi_tables(&mem, config.vcpus, &[&Com1])?;
+    tracing::debug!(us = started.elapsed().as_micros() as u64, ?entry, "kernel loaded");
+
+    // Devices.
+    let (exit, events) = ExitNotifier::new();
+    let serial_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| BuildError::Irq("serial", e))?;
+    vm.register_irqfd(&serial_evt, irq::SERIAL_COM1)
+        .map_err(|e| BuildError::Irq("serial", std::io::Error::from_raw_os_error(e.errno())))?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        EventFdTrigger::new(serial_evt),
+        console_sink(&config.console)?,
+    )));
+    let mut pio_bus = Bus::new();
+    pio_bus.insert(serial.clone(), pio::SERIAL_COM1.into(), pio::SERIAL_LEN.into())?;
+    pio_bus.insert(
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        pio::I8042_START.into(),
+        pio::I8042_LEN.into(),
+    )?;
+    pio_bus.insert(
+        Arc::new(Mutex::new(PowerDevice::new(exit.clone()))),
+        pio::ACPI_SLEEP_CONTROL.into(),
+        pio::ACPI_PM_LEN.into(),
+    )?;
+    let pio_bus = Arc::new(pio_bus);
+    let mmio_bus = Arc::new(Bus::new());
+
+    // vCPUs.
+    vcpu::install_kick_handler().map_err(BuildError::Signal)?;
+    let supported = vcpu::supported_cpuid(&kvm)?;
+    let setup = VcpuSetup {
+        kvm: &kvm,
+        supported_cpuid: &supported,
+        vcpus: config.vcpus,
+        mem: &mem,
+        entry,
+    };
+    let vcpus = (0..config.vcpus)
+        .map(|i| Vcpu::new(&vm, i, &setup, pio_bus.clone(), mmio_bus.clone(), exit.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::with_capacity(vcpus.len());
+    let mut vmm = Vmm {
+        vcpus: Vec::new(),
+        stop: stop.clone(),
+        events,
+        serial,
+        _vm: vm,
+        _mem: mem,
+        _memfd: memfd,
+        started,
+    };
+    for v in vcpus {
+        handles.push(v.start(stop.clone())?);
+    }
+    vmm.vcpus = handles;
+    tracing::debug!(us = started.elapsed().as_micros() as u64, "vCPUs started");
+    Ok(vmm)
+}

@@ -1,0 +1,138 @@
+//! The microVM's configuration: what the CLI parses and what the shim will fill in.
+
+use std::path::PathBuf;
+
+/// Default kernel command line: serial console, quiet (serial output is slow), no PCI probing,
+/// reboot through the keyboard controller, reboot at once on panic (the VMM then exits).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 pci=off";
+
+/// Smallest guest RAM accepted, in MiB: below this a Debian kernel plus initramfs cannot boot.
+pub const MIN_MEMORY_MIB: u32 = 64;
+
+/// Largest number of vCPUs (the MADT uses 8-bit APIC ids; KVM's own limit may be lower).
+pub const MAX_VCPUS: u8 = 254;
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleConfig {
+    /// The VMM's standard output.
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Discarded (the UART still exists, so the guest does not wait for it).
+    Off,
+}
+
+impl std::str::FromStr for ConsoleConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stdout" => Ok(Self::Stdout),
+            "off" => Ok(Self::Off),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(Self::File(PathBuf::from(p))),
+                _ => Err(format!(
+                    "invalid console '{s}': expected stdout, off or file:PATH"
+                )),
+            },
+        }
+    }
+}
+
+/// Everything needed to build and boot one microVM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Guest kernel: a bzImage, or an ELF vmlinux (booted through PVH when it has the note).
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Number of vCPUs (1..=[`MAX_VCPUS`]).
+    pub vcpus: u8,
+    /// Guest RAM in MiB (at least [`MIN_MEMORY_MIB`]).
+    pub memory_mib: u32,
+    /// Serial console destination.
+    pub console: ConsoleConfig,
+    /// The kernel is built with `CONFIG_PVM_GUEST`: allows booting on a PVM host.
+    pub pvm_guest: bool,
+    /// Path of the KVM device.
+    pub kvm_path: PathBuf,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            kernel: PathBuf::new(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            vcpus: 1,
+            memory_mib: 256,
+            console: ConsoleConfig::Stdout,
+            pvm_guest: false,
+            kvm_path: PathBuf::from("/dev/kvm"),
+        }
+    }
+}
+
+/// A configuration value out of range.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// vCPU count out of range.
+    #[error("invalid vCPU count {0}: use 1 to {MAX_VCPUS}")]
+    Vcpus(u8),
+    /// Memory below the minimum.
+    #[error("too little memory: {0} MiB; the guest needs at least {MIN_MEMORY_MIB} MiB")]
+    TooLittleMemory(u32),
+    /// Memory beyond what this VMM lays out.
+    #[error("too much memory: {0} MiB; at most {max} MiB", max = crate::arch::layout::MAX_MEMORY_MIB)]
+    TooMuchMemory(u32),
+}
+
+impl VmConfig {
+    /// Checks the numeric limits (files are checked when they are opened).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::TooLittleMemory(self.memory_mib));
+        }
+        if u64::from(self.memory_mib) > crate::arch::layout::MAX_MEMORY_MIB {
+            return Err(ConfigError::TooMuchMemory(self.memory_mib));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_parses() {
+        assert_eq!("stdout".parse(), Ok(ConsoleConfig::Stdout));
+        assert_eq!("off".parse(), Ok(ConsoleConfig::Off));
+        assert_eq!(
+            "file:/tmp/x".parse(),
+            Ok(ConsoleConfig::File(PathBuf::from("/tmp/x")))
+        );
+        assert!("file:".parse::<ConsoleConfig>().is_err());
+        assert!("tty".parse::<ConsoleConfig>().is_err());
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        let ok = VmConfig::default();
+        assert_eq!(ok.validate(), Ok(()));
+        let c = VmConfig { vcpus: 0, ..VmConfig::default() };
+        assert_eq!(c.validate(), Err(ConfigError::Vcpus(0)));
+        let c = VmConfig { vcpus: 255, ..VmConfig::default() };
+        assert_eq!(c.validate(), Err(ConfigError::Vcpus(255)));
+        let c = VmConfig { memory_mib: 16, ..VmConfig::default() };
+        assert_eq!(c.validate(), Err(ConfigError::TooLittleMemory(16)));
+        let c = VmConfig { memory_mib: u32::MAX, ..VmConfig::default() };
+        assert_eq!(c.validate(), Err(ConfigError::TooMuchMemory(u32::MAX)));
+    }
+}
