@@ -99,7 +99,10 @@ pub fn build_microvm(config: &VmConfig) -> Result<Vmm, BuildError> {
     let mem_size = u64::from(config.memory_mib) << 20;
     let (mem, memfd) = memory::create_guest_memory(mem_size)?;
     let vm = vm::create_vm(&kvm, &mem)?;
-    tracing::debug!(us = started.elapsed().as_micros() as u64, "VM and memory ready");
+    tracing::debug!(
+        us = started.elapsed().as_micros() as u64,
+        "VM and memory ready"
+    );
 
     // Kernel, command line, initrd, boot parameters.
     let kernel = boot::load_kernel(&mem, &config.kernel)?;
@@ -146,7 +149,11 @@ pub fn build_microvm(config: &VmConfig) -> Result<Vmm, BuildError> {
         }
     };
     acpi::create_acpi_tables(&mem, config.vcpus, &[&Com1])?;
-    tracing::debug!(us = started.elapsed().as_micros() as u64, ?entry, "kernel loaded");
+    tracing::debug!(
+        us = started.elapsed().as_micros() as u64,
+        ?entry,
+        "kernel loaded"
+    );
 
     // Devices.
     let (exit, events) = ExitNotifier::new();
@@ -158,7 +165,11 @@ pub fn build_microvm(config: &VmConfig) -> Result<Vmm, BuildError> {
         console_sink(&config.console)?,
     )));
     let mut pio_bus = Bus::new();
-    pio_bus.insert(serial.clone(), pio::SERIAL_COM1.into(), pio::SERIAL_LEN.into())?;
+    pio_bus.insert(
+        serial.clone(),
+        pio::SERIAL_COM1.into(),
+        pio::SERIAL_LEN.into(),
+    )?;
     pio_bus.insert(
         Arc::new(Mutex::new(I8042::new(exit.clone()))),
         pio::I8042_START.into(),
@@ -183,7 +194,16 @@ pub fn build_microvm(config: &VmConfig) -> Result<Vmm, BuildError> {
         entry,
     };
     let vcpus = (0..config.vcpus)
-        .map(|i| Vcpu::new(&vm, i, &setup, pio_bus.clone(), mmio_bus.clone(), exit.clone()))
+        .map(|i| {
+            Vcpu::new(
+                &vm,
+                i,
+                &setup,
+                pio_bus.clone(),
+                mmio_bus.clone(),
+                exit.clone(),
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::with_capacity(vcpus.len());

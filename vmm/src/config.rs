@@ -126,13 +126,25 @@ mod tests {
     fn limits_are_checked() {
         let ok = VmConfig::default();
         assert_eq!(ok.validate(), Ok(()));
-        let c = VmConfig { vcpus: 0, ..VmConfig::default() };
+        let c = VmConfig {
+            vcpus: 0,
+            ..VmConfig::default()
+        };
         assert_eq!(c.validate(), Err(ConfigError::Vcpus(0)));
-        let c = VmConfig { vcpus: 255, ..VmConfig::default() };
+        let c = VmConfig {
+            vcpus: 255,
+            ..VmConfig::default()
+        };
         assert_eq!(c.validate(), Err(ConfigError::Vcpus(255)));
-        let c = VmConfig { memory_mib: 16, ..VmConfig::default() };
+        let c = VmConfig {
+            memory_mib: 16,
+            ..VmConfig::default()
+        };
         assert_eq!(c.validate(), Err(ConfigError::TooLittleMemory(16)));
-        let c = VmConfig { memory_mib: u32::MAX, ..VmConfig::default() };
+        let c = VmConfig {
+            memory_mib: u32::MAX,
+            ..VmConfig::default()
+        };
         assert_eq!(c.validate(), Err(ConfigError::TooMuchMemory(u32::MAX)));
     }
 }

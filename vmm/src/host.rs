@@ -49,7 +49,11 @@ pub fn check(kvm_path: &Path, sysfs_module: &Path, pvm_guest: bool) -> Result<Ho
     if kind == HostKind::Pvm && !pvm_guest {
         return Err(HostError::PvmNeedsPvmGuest);
     }
-    match std::fs::OpenOptions::new().read(true).write(true).open(kvm_path) {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(kvm_path)
+    {
         Ok(_) => Ok(kind),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             Err(HostError::NoKvm(kvm_path.to_path_buf()))
@@ -98,6 +102,9 @@ mod tests {
         let sys = tempdir("dir");
         // A directory cannot be opened read-write: reported as an open error, not a panic.
         let err = check(&sys, &sys, false).unwrap_err();
-        assert!(matches!(err, HostError::KvmOpen(..) | HostError::KvmPermission(_)));
+        assert!(matches!(
+            err,
+            HostError::KvmOpen(..) | HostError::KvmPermission(_)
+        ));
     }
 }

@@ -61,7 +61,8 @@ pub fn create_guest_memory(size: u64) -> Result<(GuestMemoryMmap, File), MemoryE
             (addr, len as usize, Some(fo))
         })
         .collect();
-    let mem = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| MemoryError::Map(size >> 20, e))?;
+    let mem = GuestMemoryMmap::from_ranges_with_files(ranges)
+        .map_err(|e| MemoryError::Map(size >> 20, e))?;
     Ok((mem, file))
 }
 
@@ -84,7 +85,10 @@ mod tests {
         assert_eq!(file.metadata().unwrap().len(), 64 << 20);
         assert_eq!(mem.num_regions(), 1);
         mem.write_obj(0xdead_beefu32, GuestAddress(0x1234)).unwrap();
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1234)).unwrap(), 0xdead_beef);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x1234)).unwrap(),
+            0xdead_beef
+        );
         assert_eq!(mem.last_addr(), GuestAddress((64 << 20) - 1));
     }
 }

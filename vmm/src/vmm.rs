@@ -83,7 +83,11 @@ impl Vmm {
             .expect("the VMM holds a sender for as long as vCPUs run");
         self.stop_vcpus();
         self.serial.lock().expect("serial lock").drain();
-        tracing::debug!(elapsed_ms = self.started.elapsed().as_millis() as u64, ?event, "VM ended");
+        tracing::debug!(
+            elapsed_ms = self.started.elapsed().as_millis() as u64,
+            ?event,
+            "VM ended"
+        );
         event
     }
 

@@ -8,13 +8,15 @@
 //! CMOS RTC, so the kernel does not probe absent hardware.
 
 use acpi_tables::aml;
-use acpi_tables::Aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::layout::{
@@ -90,7 +92,15 @@ pub fn dsdt(devices: &[&dyn DsdtEntry]) -> Vec<u8> {
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
-    let io8 = |port: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(port));
+    let io8 = |port: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            u64::from(port),
+        )
+    };
     let mut b = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
@@ -215,7 +225,10 @@ mod tests {
         assert_eq!(rsdp[15], 2, "ACPI 2.0+ RSDP");
 
         let xsdt = table(&m, u64_at(&rsdp, 24), b"XSDT");
-        let entries: Vec<u64> = (36..xsdt.len()).step_by(8).map(|o| u64_at(&xsdt, o)).collect();
+        let entries: Vec<u64> = (36..xsdt.len())
+            .step_by(8)
+            .map(|o| u64_at(&xsdt, o))
+            .collect();
         assert_eq!(entries.len(), 2);
 
         let fadt = table(&m, entries[0], b"FACP");

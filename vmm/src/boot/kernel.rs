@@ -6,8 +6,8 @@ use std::path::Path;
 
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
-use vm_memory::{GuestAddress, GuestMemoryMmap, ReadVolatile};
 use vm_memory::{Bytes, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemoryMmap, ReadVolatile};
 
 use super::BootError;
 use crate::arch::layout::HIMEM_START;
@@ -52,7 +52,10 @@ pub struct LoadedKernel {
     pub setup_header: Option<setup_header>,
 }
 
-fn read_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BootError + 'a {
+fn read_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> BootError + 'a {
     move |err| BootError::Read {
         what,
         path: path.to_path_buf(),
@@ -150,7 +153,10 @@ mod tests {
 
     #[test]
     fn detects_formats() {
-        assert_eq!(KernelFormat::detect(b"\x7fELF\x02\x01"), Some(KernelFormat::Elf));
+        assert_eq!(
+            KernelFormat::detect(b"\x7fELF\x02\x01"),
+            Some(KernelFormat::Elf)
+        );
         let mut bz = vec![0u8; 0x300];
         bz[0x202..0x206].copy_from_slice(b"HdrS");
         assert_eq!(KernelFormat::detect(&bz), Some(KernelFormat::BzImage));
@@ -171,7 +177,11 @@ mod tests {
         let err = load_kernel(&mem, &p).unwrap_err();
         assert!(err.to_string().contains("is not a Linux kernel"), "{err}");
         let err = load_kernel(&mem, Path::new("/nonexistent/vmlinuz")).unwrap_err();
-        assert!(err.to_string().contains("cannot read kernel /nonexistent/vmlinuz"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("cannot read kernel /nonexistent/vmlinuz"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -58,7 +58,11 @@ pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
     ];
     for (start, len) in ram_ranges(mem_size) {
         let start = start.0.max(HIMEM_START);
-        let end = if start == HIMEM_START { len } else { start + len };
+        let end = if start == HIMEM_START {
+            len
+        } else {
+            start + len
+        };
         if end > start {
             map.push(E820Entry {
                 addr: start,
@@ -165,10 +169,24 @@ mod tests {
     fn e820_small_vm() {
         let m = e820_map(256 << 20);
         assert_eq!(m.len(), 3);
-        assert_eq!(m[0], E820Entry { addr: 0, size: EBDA_START, kind: E820_RAM });
+        assert_eq!(
+            m[0],
+            E820Entry {
+                addr: 0,
+                size: EBDA_START,
+                kind: E820_RAM
+            }
+        );
         assert_eq!(m[1].kind, E820_RESERVED);
         assert_eq!(m[1].addr + m[1].size, HIMEM_START);
-        assert_eq!(m[2], E820Entry { addr: HIMEM_START, size: (256 << 20) - HIMEM_START, kind: E820_RAM });
+        assert_eq!(
+            m[2],
+            E820Entry {
+                addr: HIMEM_START,
+                size: (256 << 20) - HIMEM_START,
+                kind: E820_RAM
+            }
+        );
     }
 
     #[test]
@@ -177,7 +195,11 @@ mod tests {
         assert_eq!(m.len(), 4);
         assert_eq!(m[2].addr + m[2].size, MMIO_GAP_START);
         assert_eq!(m[3].addr, FIRST_ADDR_PAST_32BITS);
-        let ram: u64 = m.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+        let ram: u64 = m
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum();
         assert_eq!(ram, (5 << 30) - (HIMEM_START - EBDA_START));
     }
 
@@ -188,7 +210,8 @@ mod tests {
     #[test]
     fn zero_page_fields() {
         let m = mem();
-        write_linux_boot_params(&m, None, 0x20000, 42, Some((0x300_0000, 0x1000)), 64 << 20).unwrap();
+        write_linux_boot_params(&m, None, 0x20000, 42, Some((0x300_0000, 0x1000)), 64 << 20)
+            .unwrap();
         let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         let hdr = p.hdr;
         assert_eq!({ hdr.boot_flag }, 0xaa55);
@@ -200,7 +223,10 @@ mod tests {
         assert_eq!({ p.acpi_rsdp_addr }, RSDP_START);
         assert_eq!(p.e820_entries, 3);
         let last = p.e820_table[2];
-        assert_eq!(({ last.addr }, { last.size }, { last.r#type }), (HIMEM_START, (64 << 20) - HIMEM_START, E820_RAM));
+        assert_eq!(
+            ({ last.addr }, { last.size }, { last.r#type }),
+            (HIMEM_START, (64 << 20) - HIMEM_START, E820_RAM)
+        );
     }
 
     #[test]
@@ -215,9 +241,10 @@ mod tests {
         assert_eq!(info.memmap_entries, 3);
         let module: hvm_modlist_entry = m.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
         assert_eq!((module.paddr, module.size), (0x300_0000, 0x2000));
-        let e: hvm_memmap_table_entry = m.read_obj(GuestAddress(PVH_MEMMAP_START + 2 * 24)).unwrap();
+        let e: hvm_memmap_table_entry =
+            m.read_obj(GuestAddress(PVH_MEMMAP_START + 2 * 24)).unwrap();
         assert_eq!((e.addr, e.type_), (HIMEM_START, E820_RAM));
         // Fits before the memory map.
-        assert!(PVH_INFO_START + PVH_MODLIST_OFFSET + 32 <= PVH_MEMMAP_START);
+        const { assert!(PVH_INFO_START + PVH_MODLIST_OFFSET + 32 <= PVH_MEMMAP_START) };
     }
 }

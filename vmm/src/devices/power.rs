@@ -44,7 +44,10 @@ impl BusDevice for PowerDevice {
                 if typ == S5_SLEEP_TYPE {
                     self.exit.exit(ExitReason::PowerOff);
                 } else {
-                    tracing::warn!(sleep_type = typ, "guest asked for an unsupported sleep state");
+                    tracing::warn!(
+                        sleep_type = typ,
+                        "guest asked for an unsupported sleep state"
+                    );
                 }
             }
             RESET if v == pio::ACPI_RESET_VALUE => self.exit.exit(ExitReason::Reboot),

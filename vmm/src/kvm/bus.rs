@@ -47,7 +47,10 @@ impl Bus {
         len: u64,
     ) -> Result<(), BusOverlap> {
         let overlap = BusOverlap { base, len };
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or(overlap.clone())?;
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(overlap.clone())?;
         if self.find(base).is_some() || self.devices.range(base..end).next().is_some() {
             return Err(overlap);
         }
@@ -64,7 +67,10 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
             Some((base, e)) => {
-                e.dev.lock().expect("device lock poisoned").read(addr - base, data);
+                e.dev
+                    .lock()
+                    .expect("device lock poisoned")
+                    .read(addr - base, data);
                 true
             }
             None => false,
@@ -75,7 +81,10 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((base, e)) => {
-                e.dev.lock().expect("device lock poisoned").write(addr - base, data);
+                e.dev
+                    .lock()
+                    .expect("device lock poisoned")
+                    .write(addr - base, data);
                 true
             }
             None => false,
@@ -85,7 +94,10 @@ impl Bus {
 
 impl Clone for BusOverlap {
     fn clone(&self) -> Self {
-        Self { base: self.base, len: self.len }
+        Self {
+            base: self.base,
+            len: self.len,
+        }
     }
 }
 
@@ -115,7 +127,7 @@ mod tests {
         let mut d = [0u8; 1];
         assert!(bus.read(0x3fd, &mut d));
         assert_eq!(d, [5]);
-        assert!(bus.write(0x3f8, &[b'x']));
+        assert!(bus.write(0x3f8, b"x"));
         assert!(!bus.write(0x400, &[1]));
         assert!(!bus.read(0x3f7, &mut d));
         assert_eq!(a.lock().unwrap().writes, vec![(0, vec![b'x'])]);

@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 
@@ -99,7 +102,9 @@ impl Vcpu {
         exit: ExitNotifier,
     ) -> Result<Self, VcpuError> {
         let io = |what| move |e| VcpuError::Ioctl(index, what, e);
-        let fd = vm.create_vcpu(u64::from(index)).map_err(io("CREATE_VCPU"))?;
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(io("CREATE_VCPU"))?;
         let _ = setup.kvm;
 
         let mut cpuid = setup.supported_cpuid.clone();
@@ -118,9 +123,11 @@ impl Vcpu {
 
         if index == 0 {
             let mut sregs = fd.get_sregs().map_err(io("GET_SREGS"))?;
-            setup_sregs(setup.mem, setup.entry, &mut sregs).map_err(|e| VcpuError::Regs(index, e))?;
+            setup_sregs(setup.mem, setup.entry, &mut sregs)
+                .map_err(|e| VcpuError::Regs(index, e))?;
             fd.set_sregs(&sregs).map_err(io("SET_SREGS"))?;
-            fd.set_regs(&boot_regs(setup.entry)).map_err(io("SET_REGS"))?;
+            fd.set_regs(&boot_regs(setup.entry))
+                .map_err(io("SET_REGS"))?;
         }
         Ok(Self {
             fd,
@@ -181,12 +188,17 @@ impl Vcpu {
                         KVM_SYSTEM_EVENT_RESET => self.exit.exit(ExitReason::Reboot),
                         KVM_SYSTEM_EVENT_CRASH => return Err(VcpuError::GuestCrash(index)),
                         other => {
-                            return Err(VcpuError::UnexpectedExit(index, format!("system event {other}")))
+                            return Err(VcpuError::UnexpectedExit(
+                                index,
+                                format!("system event {other}"),
+                            ))
                         }
                     }
                     return Ok(());
                 }
-                Ok(VcpuExit::FailEntry(reason, _)) => return Err(VcpuError::FailEntry(index, reason)),
+                Ok(VcpuExit::FailEntry(reason, _)) => {
+                    return Err(VcpuError::FailEntry(index, reason))
+                }
                 Ok(VcpuExit::InternalError) => {
                     // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit, `internal` is the union member KVM filled.
                     let sub = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };

@@ -2,7 +2,9 @@
 
 use std::path::Path;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_API_VERSION, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_API_VERSION, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -37,9 +39,14 @@ const REQUIRED_CAPS: [Cap; 7] = [
 
 /// Opens KVM at `path` and checks the API version and capabilities.
 pub fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
-    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| VmError::Open(path.display().to_string(), kvm_ioctls::Error::new(libc::EINVAL)))?;
-    let kvm = Kvm::new_with_path(cpath).map_err(|e| VmError::Open(path.display().to_string(), e))?;
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        VmError::Open(
+            path.display().to_string(),
+            kvm_ioctls::Error::new(libc::EINVAL),
+        )
+    })?;
+    let kvm =
+        Kvm::new_with_path(cpath).map_err(|e| VmError::Open(path.display().to_string(), e))?;
     let v = kvm.get_api_version();
     if v != KVM_API_VERSION as i32 {
         return Err(VmError::ApiVersion(v));
@@ -54,7 +61,9 @@ pub fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
 
 /// Creates the VM with its in-kernel irqchip (PIC + IOAPIC + LAPICs) and PIT, and maps `mem`.
 pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
-    let vm = kvm.create_vm().map_err(|e| VmError::Ioctl("CREATE_VM", e))?;
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| VmError::Ioctl("CREATE_VM", e))?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
         .map_err(|e| VmError::Ioctl("SET_TSS_ADDR", e))?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
@@ -65,7 +74,8 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     };
-    vm.create_pit2(pit).map_err(|e| VmError::Ioctl("CREATE_PIT2", e))?;
+    vm.create_pit2(pit)
+        .map_err(|e| VmError::Ioctl("CREATE_PIT2", e))?;
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())

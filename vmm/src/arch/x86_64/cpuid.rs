@@ -47,13 +47,11 @@ pub fn patch(entries: &mut [kvm_cpuid_entry2], cpu_index: u8, vcpus: u8) {
                     e.edx &= !EDX_HTT;
                 }
             }
-            LEAF_CACHE_PARAMS => {
-                // EAX[31:26]: cores per package - 1; [25:14]: threads sharing this cache - 1.
-                if e.eax & 0x1f != 0 {
-                    let level = (e.eax >> 5) & 0x7;
-                    let sharing = if level >= 3 { n - 1 } else { 0 };
-                    e.eax = (e.eax & 0x3fff) | ((n - 1) << 26) | (sharing << 14);
-                }
+            // EAX[31:26]: cores per package - 1; [25:14]: threads sharing this cache - 1.
+            LEAF_CACHE_PARAMS if e.eax & 0x1f != 0 => {
+                let level = (e.eax >> 5) & 0x7;
+                let sharing = if level >= 3 { n - 1 } else { 0 };
+                e.eax = (e.eax & 0x3fff) | ((n - 1) << 26) | (sharing << 14);
             }
             LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY => {
                 e.edx = apic_id;
@@ -145,15 +143,15 @@ mod tests {
             assert_eq!(find(&e, LEAF_EXT_TOPOLOGY, 2).ebx, 0);
             assert_eq!(find(&e, LEAF_AMD_SIZE, 0).ecx & 0xff, u32::from(vcpus) - 1);
             assert_eq!(find(&e, LEAF_AMD_TOPOLOGY, 0).eax, u32::from(cpu));
-            assert_eq!(find(&e, LEAF_CACHE_PARAMS, 3).eax >> 26, u32::from(vcpus) - 1);
+            assert_eq!(
+                find(&e, LEAF_CACHE_PARAMS, 3).eax >> 26,
+                u32::from(vcpus) - 1
+            );
         }
     }
 
     #[test]
     fn bits() {
-        assert_eq!(
-            [1, 2, 3, 4, 5, 8, 9].map(bits_for),
-            [0, 1, 2, 2, 3, 3, 4]
-        );
+        assert_eq!([1, 2, 3, 4, 5, 8, 9].map(bits_for), [0, 1, 2, 2, 3, 3, 4]);
     }
 }

@@ -89,7 +89,10 @@ mod tests {
     #[test]
     fn data_and_tss_segments() {
         let data = kvm_segment_from_gdt(GDT_64[2], 2);
-        assert_eq!((data.selector, data.type_, data.db, data.l), (0x10, 0x3, 1, 0));
+        assert_eq!(
+            (data.selector, data.type_, data.db, data.l),
+            (0x10, 0x3, 1, 0)
+        );
         let tss = kvm_segment_from_gdt(GDT_64[3], 3);
         assert_eq!((tss.selector, tss.type_, tss.s), (0x18, 0xb, 0));
     }

@@ -193,7 +193,10 @@ mod tests {
         // Page tables: PML4 → PDPT → PD, 2 MiB identity pages covering 4 GiB.
         assert_eq!(read(&m, PML4_START), PDPTE_START | 3);
         for pd in 0..4u64 {
-            assert_eq!(read(&m, PDPTE_START + pd * 8), (PDE_START + pd * 0x1000) | 3);
+            assert_eq!(
+                read(&m, PDPTE_START + pd * 8),
+                (PDE_START + pd * 0x1000) | 3
+            );
         }
         assert_eq!(read(&m, PDE_START), 0x83);
         assert_eq!(read(&m, PDE_START + 8), (1 << 21) | 0x83);
