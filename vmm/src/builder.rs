@@ -3,7 +3,6 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -14,6 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::acpi::{self, AcpiError, Com1};
 use crate::arch::layout::{irq, pio, CMDLINE_MAX_SIZE, CMDLINE_START, MMIO_GAP_START};
+use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::regs::BootEntry;
 use crate::boot::{self, BootError, KernelFormat};
 use crate::config::{ConfigError, ConsoleConfig, VmConfig};
@@ -93,7 +93,11 @@ fn load_cmdline_into(mem: &vm_memory::GuestMemoryMmap, cmdline: &str) -> Result<
 pub fn build_microvm(config: &VmConfig) -> Result<Vmm, BuildError> {
     let started = Instant::now();
     config.validate()?;
-    host::check(&config.kvm_path, Path::new("/sys/module"), config.pvm_guest)?;
+    boot::probe_kernel(&config.kernel)?;
+    if let Some(initrd) = &config.initrd {
+        boot::probe_initrd(initrd)?;
+    }
+    host::check(&config.kvm_path, &config.sysfs_module, config.pvm_guest)?;
     let kvm = vm::open_kvm(&config.kvm_path)?;
 
     let mem_size = u64::from(config.memory_mib) << 20;
@@ -192,6 +196,9 @@ pub fn build_microvm(config: &VmConfig) -> Result<Vmm, BuildError> {
         vcpus: config.vcpus,
         mem: &mem,
         entry,
+        host_features: cpuid::HostFeatures {
+            tsc_deadline: kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+        },
     };
     let vcpus = (0..config.vcpus)
         .map(|i| {

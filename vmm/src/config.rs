@@ -59,6 +59,8 @@ pub struct VmConfig {
     pub pvm_guest: bool,
     /// Path of the KVM device.
     pub kvm_path: PathBuf,
+    /// Where loaded kernel modules are listed (`/sys/module`), for host detection.
+    pub sysfs_module: PathBuf,
 }
 
 impl Default for VmConfig {
@@ -72,6 +74,7 @@ impl Default for VmConfig {
             console: ConsoleConfig::Stdout,
             pvm_guest: false,
             kvm_path: PathBuf::from("/dev/kvm"),
+            sysfs_module: PathBuf::from("/sys/module"),
         }
     }
 }

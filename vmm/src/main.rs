@@ -35,6 +35,9 @@ struct Cli {
     /// KVM device.
     #[arg(long, default_value = "/dev/kvm")]
     kvm: PathBuf,
+    /// Where the host lists loaded modules (for PVM detection); for tests.
+    #[arg(long, default_value = "/sys/module", hide = true)]
+    sysfs_module: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         console: cli.console,
         pvm_guest: cli.pvm_guest,
         kvm_path: cli.kvm,
+        sysfs_module: cli.sysfs_module,
     };
     let vmm = match build_microvm(&config) {
         Ok(v) => v,

@@ -63,6 +63,22 @@ fn read_err<'a>(
     }
 }
 
+/// Opens the kernel at `path` and tells its format, without loading it: lets a bad path or a
+/// non-kernel file be reported before any VM resource is created.
+pub fn probe_kernel(path: &Path) -> Result<KernelFormat, BootError> {
+    let file = File::open(path).map_err(read_err("kernel", path))?;
+    let mut head = Vec::with_capacity(0x206);
+    file.take(0x206)
+        .read_to_end(&mut head)
+        .map_err(read_err("kernel", path))?;
+    KernelFormat::detect(&head).ok_or_else(|| BootError::NotAKernel(path.into()))
+}
+
+/// Checks that the initrd at `path` can be opened.
+pub fn probe_initrd(path: &Path) -> Result<(), BootError> {
+    File::open(path).map(drop).map_err(read_err("initrd", path))
+}
+
 /// Loads the kernel at `path` into `mem`.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
     let mut file = File::open(path).map_err(read_err("kernel", path))?;

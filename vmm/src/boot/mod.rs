@@ -3,7 +3,9 @@
 pub mod kernel;
 pub mod params;
 
-pub use kernel::{load_initrd, load_kernel, KernelFormat, LoadedKernel};
+pub use kernel::{
+    load_initrd, load_kernel, probe_initrd, probe_kernel, KernelFormat, LoadedKernel,
+};
 pub use params::{e820_map, write_linux_boot_params, write_pvh_start_info, E820Entry};
 
 /// Failed to load the guest's boot images.

@@ -83,6 +83,8 @@ pub struct VcpuSetup<'a> {
     pub mem: &'a GuestMemoryMmap,
     /// Boot entry of the boot vCPU.
     pub entry: BootEntry,
+    /// Features KVM emulates but does not list in the supported CPUID.
+    pub host_features: cpuid::HostFeatures,
 }
 
 /// Fetches the supported CPUID once for all vCPUs.
@@ -108,7 +110,12 @@ impl Vcpu {
         let _ = setup.kvm;
 
         let mut cpuid = setup.supported_cpuid.clone();
-        cpuid::patch(cpuid.as_mut_slice(), index, setup.vcpus);
+        cpuid::patch(
+            cpuid.as_mut_slice(),
+            index,
+            setup.vcpus,
+            setup.host_features,
+        );
         fd.set_cpuid2(&cpuid).map_err(io("SET_CPUID2"))?;
 
         let msrs = msr::boot_msrs().map_err(|e| VcpuError::Msr(index, e))?;

@@ -14,6 +14,7 @@ const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
 const LEAF_AMD_SIZE: u32 = 0x8000_0008;
 const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 
@@ -30,8 +31,17 @@ fn bits_for(n: u32) -> u32 {
     }
 }
 
+/// What the host's KVM offers beyond `KVM_GET_SUPPORTED_CPUID`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostFeatures {
+    /// `KVM_CAP_TSC_DEADLINE_TIMER`: the in-kernel LAPIC emulates TSC-deadline mode, which KVM
+    /// does not report in the supported CPUID; without it Linux falls back to the slower
+    /// periodic/one-shot LAPIC timer.
+    pub tsc_deadline: bool,
+}
+
 /// Patches `entries` (a copy of the supported CPUID) for vCPU `cpu_index` of `vcpus`.
-pub fn patch(entries: &mut [kvm_cpuid_entry2], cpu_index: u8, vcpus: u8) {
+pub fn patch(entries: &mut [kvm_cpuid_entry2], cpu_index: u8, vcpus: u8, host: HostFeatures) {
     let apic_id = u32::from(cpu_index);
     let n = u32::from(vcpus);
     let core_bits = bits_for(n);
@@ -41,6 +51,9 @@ pub fn patch(entries: &mut [kvm_cpuid_entry2], cpu_index: u8, vcpus: u8) {
                 // EBX: [31:24] initial APIC id, [23:16] logical processors, [15:8] CLFLUSH size/8.
                 e.ebx = (apic_id << 24) | (n << 16) | (8 << 8) | (e.ebx & 0xff);
                 e.ecx |= ECX_HYPERVISOR;
+                if host.tsc_deadline {
+                    e.ecx |= ECX_TSC_DEADLINE;
+                }
                 if n > 1 {
                     e.edx |= EDX_HTT;
                 } else {
@@ -127,7 +140,7 @@ mod tests {
     fn apic_ids_and_topology_per_vcpu() {
         for (cpu, vcpus) in [(0u8, 1u8), (0, 2), (1, 2), (3, 4), (4, 5)] {
             let mut e = sample();
-            patch(&mut e, cpu, vcpus);
+            patch(&mut e, cpu, vcpus, HostFeatures::default());
             let l1 = find(&e, 1, 0);
             assert_eq!(l1.ebx >> 24, u32::from(cpu), "leaf 1 APIC id");
             assert_eq!((l1.ebx >> 16) & 0xff, u32::from(vcpus));
@@ -148,6 +161,15 @@ mod tests {
                 u32::from(vcpus) - 1
             );
         }
+    }
+
+    #[test]
+    fn tsc_deadline_only_when_kvm_emulates_it() {
+        let mut e = sample();
+        patch(&mut e, 0, 1, HostFeatures::default());
+        assert_eq!(find(&e, 1, 0).ecx & ECX_TSC_DEADLINE, 0);
+        patch(&mut e, 0, 1, HostFeatures { tsc_deadline: true });
+        assert_ne!(find(&e, 1, 0).ecx & ECX_TSC_DEADLINE, 0);
     }
 
     #[test]

@@ -1,0 +1,282 @@
+//! `cargo xtask bench boot`: boots the same kernel + initramfs + command line with `hull-vmm` and
+//! with QEMU's microvm machine, alternately, N times, inside ONE harness run (or directly on a
+//! hardware-KVM host), and reports medians and their ratio.
+//!
+//! Timing of one run: from just before the VMM process is spawned to the moment the guest's
+//! `HULL_GUEST_READY` line is read from its console, and to the VMM's exit (the guest powers off
+//! right after the marker). Peak RSS comes from `wait4`.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{cargo, deps, guest_image, harness};
+
+/// The command line both VMMs boot with.
+pub const BENCH_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 pci=off";
+
+/// Which kernel image both VMMs boot.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum KernelKind {
+    /// The ELF vmlinux, through its PVH entry.
+    Elf,
+    /// The compressed bzImage.
+    Bzimage,
+}
+
+/// Arguments of `cargo xtask bench`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// What to measure.
+    #[arg(value_enum)]
+    pub what: Bench,
+    /// Runs per VMM.
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+    /// Kernel image to boot.
+    #[arg(long, value_enum, default_value_t = KernelKind::Elf)]
+    pub kernel: KernelKind,
+    /// vCPUs of the guest.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Guest RAM, MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory: u32,
+}
+
+/// A benchmark.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Bench {
+    /// VMM start to the guest's init marker, hull-vmm beside QEMU microvm.
+    Boot,
+}
+
+/// Arguments of the part that runs where KVM boots guests (inside L1).
+#[derive(clap::Args)]
+pub struct InnerArgs {
+    /// Runs per VMM.
+    #[arg(long)]
+    pub runs: usize,
+    /// hull-vmm binary.
+    #[arg(long)]
+    pub vmm: PathBuf,
+    /// Kernel image.
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Initramfs.
+    #[arg(long)]
+    pub initrd: PathBuf,
+    /// vCPUs.
+    #[arg(long)]
+    pub vcpus: u8,
+    /// RAM, MiB.
+    #[arg(long)]
+    pub memory: u32,
+}
+
+/// Builds what the benchmark needs and runs its inner part where guests boot.
+pub fn run(args: Args) -> Result<()> {
+    let Bench::Boot = args.what;
+    deps::ensure()?;
+    let mut c = cargo::cargo();
+    c.args(["build", "--release", "-p", "hull-vmm"]);
+    cargo::run(c)?;
+    let img = guest_image::ensure()?;
+    let kernel = match args.kernel {
+        KernelKind::Elf => img.vmlinux,
+        KernelKind::Bzimage => img.vmlinuz,
+    };
+    let me = std::env::current_exe()?;
+    let vmm = cargo::root().join("target/release/hull-vmm");
+    let cmd: Vec<String> = vec![
+        me.display().to_string(),
+        "bench-inner".into(),
+        "--runs".into(),
+        args.runs.to_string(),
+        "--vmm".into(),
+        vmm.display().to_string(),
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--initrd".into(),
+        img.initramfs.display().to_string(),
+        "--vcpus".into(),
+        args.vcpus.to_string(),
+        "--memory".into(),
+        args.memory.to_string(),
+    ];
+    let status = harness::run_commands(&[cmd], &harness::options(Duration::from_secs(1800)))?;
+    if status != 0 {
+        bail!("the benchmark failed inside the harness (status {status})");
+    }
+    Ok(())
+}
+
+/// One boot's measurements.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    marker_ms: f64,
+    exit_ms: f64,
+    rss_kib: i64,
+}
+
+fn boot_once(mut cmd: Command) -> Result<Sample> {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("spawn {cmd:?}"))?;
+    let pid = child.id() as libc::pid_t;
+    let stdout = child.stdout.take().expect("piped");
+    let mut marker = None;
+    let mut tail = Vec::new();
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        if marker.is_none() && line.contains("HULL_GUEST_READY") {
+            marker = Some(start.elapsed());
+        }
+        tail.push(line);
+        if tail.len() > 20 {
+            tail.remove(0);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on our own unreaped child, with valid pointers to locals.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let exit = start.elapsed();
+    if r != pid {
+        bail!("wait4 failed: {}", std::io::Error::last_os_error());
+    }
+    std::mem::forget(child); // reaped by wait4 above
+    let Some(marker) = marker else {
+        bail!(
+            "{cmd:?}: no HULL_GUEST_READY line (exit status {status}); last output:\n{}",
+            tail.join("\n")
+        );
+    };
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("{cmd:?} exited with status {status}");
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    Ok(Sample {
+        marker_ms: ms(marker),
+        exit_ms: ms(exit),
+        rss_kib: usage.ru_maxrss,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The inner part: alternates the two VMMs and prints every run, the medians, and the last line
+/// `boot_ms hull=… qemu_microvm=… ratio=…`.
+pub fn inner(a: InnerArgs) -> Result<()> {
+    let hull = || {
+        let mut c = Command::new(&a.vmm);
+        c.arg("--kernel")
+            .arg(&a.kernel)
+            .arg("--initrd")
+            .arg(&a.initrd)
+            .args([
+                "--vcpus",
+                &a.vcpus.to_string(),
+                "--memory",
+                &a.memory.to_string(),
+            ])
+            .args(["--cmdline", BENCH_CMDLINE]);
+        c
+    };
+    let qemu = || {
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args([
+            "-M",
+            "microvm,rtc=on",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+        ])
+        .args([
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-enable-kvm",
+            "-cpu",
+            "host",
+        ])
+        .args(["-smp", &a.vcpus.to_string(), "-m", &a.memory.to_string()])
+        .arg("-kernel")
+        .arg(&a.kernel)
+        .arg("-initrd")
+        .arg(&a.initrd)
+        .args(["-append", BENCH_CMDLINE]);
+        c
+    };
+    println!(
+        "bench boot: kernel {} initrd {} vcpus {} memory {} MiB, {} runs each, alternating",
+        a.kernel.display(),
+        a.initrd.display(),
+        a.vcpus,
+        a.memory,
+        a.runs
+    );
+    // One warm-up each, not counted: brings the images into the page cache for both alike.
+    boot_once(hull())?;
+    boot_once(qemu())?;
+    let (mut h, mut q) = (Vec::new(), Vec::new());
+    for i in 0..a.runs {
+        // Alternate which goes first, so neither always follows the other.
+        let order: [(&str, bool); 2] = if i % 2 == 0 {
+            [("hull", true), ("qemu_microvm", false)]
+        } else {
+            [("qemu_microvm", false), ("hull", true)]
+        };
+        for (name, is_hull) in order {
+            let s = boot_once(if is_hull { hull() } else { qemu() })?;
+            println!(
+                "run {i:2} {name:12} marker_ms={:8.1} exit_ms={:8.1} peak_rss_kib={}",
+                s.marker_ms, s.exit_ms, s.rss_kib
+            );
+            if is_hull {
+                h.push(s)
+            } else {
+                q.push(s)
+            }
+        }
+    }
+    let med = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
+    let (hm, qm) = (med(&h, |s| s.marker_ms), med(&q, |s| s.marker_ms));
+    let (he, qe) = (med(&h, |s| s.exit_ms), med(&q, |s| s.exit_ms));
+    let (hr, qr) = (med(&h, |s| s.rss_kib as f64), med(&q, |s| s.rss_kib as f64));
+    println!("median to_marker_ms hull={hm:.1} qemu_microvm={qm:.1}");
+    println!("median to_exit_ms hull={he:.1} qemu_microvm={qe:.1}");
+    println!("median peak_rss_kib hull={hr:.0} qemu_microvm={qr:.0}");
+    println!(
+        "boot_ms hull={hm:.1} qemu_microvm={qm:.1} ratio={:.3}",
+        hm / qm
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}

@@ -1,0 +1,63 @@
+//! What a fresh machine needs before anything builds or boots: Debian packages, installed with apt
+//! when missing (the project's own files install everything; nothing is assumed pre-installed).
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Debian packages the build, the guest image and the harness need.
+pub const APT_PACKAGES: &[&str] = &[
+    "qemu-system-x86", // the harness's L1, and the boot benchmark's peer
+    "busybox-static",  // the harness's L1 initramfs
+    "cpio",            // checking initramfs archives in tests
+    "kmod",            // depmod: module dependency order
+    "util-linux",      // setpriv, used by the guest tests
+    "libseccomp-dev",  // the agent's seccomp support (later issues)
+    "libcap-ng-dev",   // virtiofsd (later issues)
+];
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+/// Installs whatever of [`APT_PACKAGES`] is missing.
+pub fn ensure() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("deps: installing {}", missing.join(" "));
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "missing Debian packages and not root: run 'sudo apt-get install {}'",
+            missing.join(" ")
+        );
+    }
+    let apt = |args: &[&str]| -> Result<()> {
+        let st = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get")?;
+        if !st.success() {
+            bail!(
+                "apt-get {} failed ({st}): check the network and retry",
+                args.join(" ")
+            );
+        }
+        Ok(())
+    };
+    apt(&["update", "-qq"])?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(&missing);
+    apt(&args)
+}
