@@ -63,7 +63,67 @@ pub fn create_guest_memory(size: u64) -> Result<(GuestMemoryMmap, File), MemoryE
         .collect();
     let mem = GuestMemoryMmap::from_ranges_with_files(ranges)
         .map_err(|e| MemoryError::Map(size >> 20, e))?;
+    advise_huge_pages(&mem);
     Ok((mem, file))
+}
+
+/// Asks for transparent huge pages on guest RAM. Backed by 2 MiB pages, the guest takes 512 times
+/// fewer nested-paging faults as it touches memory, which is most of a kernel's boot. For a memfd
+/// this takes effect when the host allows shmem THP
+/// (`/sys/kernel/mm/transparent_hugepage/shmem_enabled` = `advise`, `within_size` or `always`);
+/// otherwise it is a no-op.
+fn advise_huge_pages(mem: &GuestMemoryMmap) {
+    const SHMEM_THP: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+    if let Ok(mode) = std::fs::read_to_string(SHMEM_THP) {
+        if mode.contains("[never]") || mode.contains("[deny]") {
+            tracing::info!(
+                "guest RAM is on 4 KiB pages: 'echo advise > {SHMEM_THP}' lets it use huge pages and boot faster"
+            );
+        }
+    }
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for region in mem.iter() {
+        let Ok(host) = mem.get_host_address(region.start_addr()) else {
+            continue;
+        };
+        // SAFETY: the range is exactly one live mapping owned by `mem`; MADV_HUGEPAGE only changes
+        // how the kernel backs it, never its contents.
+        let r = unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
+        if r != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "MADV_HUGEPAGE refused");
+        }
+    }
+}
+
+/// Allocates and maps the pages of `addr..addr+len` in one call (`MADV_POPULATE_WRITE`) before a
+/// bulk copy, instead of taking one page fault per 4 KiB inside the copy: much cheaper, above all
+/// under nested virtualization. Best effort: a kernel without it (< 5.14) just faults as usual.
+pub fn populate(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) {
+    use vm_memory::GuestMemoryBackend;
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    let Some(slice) = mem
+        .get_slice(addr, len as usize)
+        .ok()
+        .filter(|s| s.len() == len as usize)
+    else {
+        return;
+    };
+    let page = 4096usize;
+    let start = slice.ptr_guard_mut().as_ptr() as usize;
+    let aligned = start & !(page - 1);
+    let end = start + len as usize;
+    // SAFETY: the range lies inside a live mapping owned by `mem`; MADV_POPULATE_WRITE only
+    // allocates and maps pages there (it does not change their contents).
+    let r = unsafe {
+        libc::madvise(
+            aligned as *mut libc::c_void,
+            end - aligned,
+            MADV_POPULATE_WRITE,
+        )
+    };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "MADV_POPULATE_WRITE unavailable");
+    }
 }
 
 #[cfg(test)]
@@ -77,6 +137,15 @@ mod tests {
         let r = ram_ranges(4 << 30);
         assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START));
         assert_eq!(r[1], (GuestAddress(1 << 32), (4 << 30) - MMIO_GAP_START));
+    }
+
+    #[test]
+    fn populate_keeps_contents_and_tolerates_bad_ranges() {
+        let (mem, _f) = create_guest_memory(64 << 20).unwrap();
+        mem.write_obj(7u8, GuestAddress(0x20_0000)).unwrap();
+        populate(&mem, GuestAddress(0x10_0000), 8 << 20);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x20_0000)).unwrap(), 7);
+        populate(&mem, GuestAddress(60 << 20), 8 << 20); // runs past the end: ignored
     }
 
     #[test]

@@ -118,6 +118,8 @@ pub fn run(args: Args) -> Result<()> {
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     marker_ms: f64,
+    /// The guest's own uptime at the marker (kernel start to init's marker).
+    guest_ms: f64,
     exit_ms: f64,
     rss_kib: i64,
 }
@@ -133,10 +135,16 @@ fn boot_once(mut cmd: Command) -> Result<Sample> {
     let pid = child.id() as libc::pid_t;
     let stdout = child.stdout.take().expect("piped");
     let mut marker = None;
+    let mut guest_ms = f64::NAN;
     let mut tail = Vec::new();
     for line in BufReader::new(stdout).lines().map_while(Result::ok) {
         if marker.is_none() && line.contains("HULL_GUEST_READY") {
             marker = Some(start.elapsed());
+            guest_ms = line
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix("uptime_ms="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(f64::NAN);
         }
         tail.push(line);
         if tail.len() > 20 {
@@ -165,6 +173,7 @@ fn boot_once(mut cmd: Command) -> Result<Sample> {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     Ok(Sample {
         marker_ms: ms(marker),
+        guest_ms,
         exit_ms: ms(exit),
         rss_kib: usage.ru_maxrss,
     })
@@ -246,8 +255,8 @@ pub fn inner(a: InnerArgs) -> Result<()> {
         for (name, is_hull) in order {
             let s = boot_once(if is_hull { hull() } else { qemu() })?;
             println!(
-                "run {i:2} {name:12} marker_ms={:8.1} exit_ms={:8.1} peak_rss_kib={}",
-                s.marker_ms, s.exit_ms, s.rss_kib
+                "run {i:2} {name:12} marker_ms={:8.1} guest_uptime_ms={:8.1} exit_ms={:8.1} peak_rss_kib={}",
+                s.marker_ms, s.guest_ms, s.exit_ms, s.rss_kib
             );
             if is_hull {
                 h.push(s)
@@ -261,6 +270,13 @@ pub fn inner(a: InnerArgs) -> Result<()> {
     let (he, qe) = (med(&h, |s| s.exit_ms), med(&q, |s| s.exit_ms));
     let (hr, qr) = (med(&h, |s| s.rss_kib as f64), med(&q, |s| s.rss_kib as f64));
     println!("median to_marker_ms hull={hm:.1} qemu_microvm={qm:.1}");
+    let (hg, qg) = (med(&h, |s| s.guest_ms), med(&q, |s| s.guest_ms));
+    println!("median guest_uptime_at_marker_ms hull={hg:.1} qemu_microvm={qg:.1}");
+    println!(
+        "median vmm_overhead_ms (to_marker - guest uptime) hull={:.1} qemu_microvm={:.1}",
+        hm - hg,
+        qm - qg
+    );
     println!("median to_exit_ms hull={he:.1} qemu_microvm={qe:.1}");
     println!("median peak_rss_kib hull={hr:.0} qemu_microvm={qr:.0}");
     println!(

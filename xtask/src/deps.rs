@@ -11,6 +11,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "busybox-static",  // the harness's L1 initramfs
     "cpio",            // checking initramfs archives in tests
     "kmod",            // depmod: module dependency order
+    "xz-utils",        // the harness's L1 kernel payload is XZ: unpacked to a PVH vmlinux
     "util-linux",      // setpriv, used by the guest tests
     "libseccomp-dev",  // the agent's seccomp support (later issues)
     "libcap-ng-dev",   // virtiofsd (later issues)

@@ -93,6 +93,12 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
         err,
     };
     let himem = Some(GuestAddress(HIMEM_START));
+    let file_len = file.metadata().map_err(read_err("kernel", path))?.len();
+    let (dest, len) = match format {
+        KernelFormat::Elf => elf_load_range(&mut file).unwrap_or((HIMEM_START, 0)),
+        KernelFormat::BzImage => (HIMEM_START, file_len),
+    };
+    crate::memory::populate(mem, GuestAddress(dest), len);
     match format {
         KernelFormat::BzImage => {
             let r = BzImage::load(mem, None, &mut file, himem).map_err(load_err)?;
@@ -119,6 +125,41 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
             })
         }
     }
+}
+
+/// The guest-physical range an ELF's PT_LOAD segments fill from the file: (lowest p_paddr, span
+/// up to the highest p_paddr + p_filesz). `None` if the headers cannot be read (the loader then
+/// reports the real error).
+fn elf_load_range(file: &mut File) -> Option<(u64, u64)> {
+    use std::io::{Seek, SeekFrom};
+    let mut ehdr = [0u8; 64];
+    file.seek(SeekFrom::Start(0)).ok()?;
+    file.read_exact(&mut ehdr).ok()?;
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u64_at = |b: &[u8], o: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?))
+    };
+    let phoff = u64_at(&ehdr, 0x20)?;
+    let phentsize = usize::from(u16_at(&ehdr, 0x36));
+    let phnum = usize::from(u16_at(&ehdr, 0x38));
+    if phentsize < 56 || phnum > 64 {
+        return None;
+    }
+    let mut phdrs = vec![0u8; phentsize * phnum];
+    file.seek(SeekFrom::Start(phoff)).ok()?;
+    file.read_exact(&mut phdrs).ok()?;
+    let (mut lo, mut hi) = (u64::MAX, 0u64);
+    for ph in phdrs.chunks(phentsize) {
+        const PT_LOAD: u32 = 1;
+        if u32::from_le_bytes(ph[0..4].try_into().ok()?) != PT_LOAD {
+            continue;
+        }
+        let paddr = u64_at(ph, 0x18)?;
+        let filesz = u64_at(ph, 0x20)?;
+        lo = lo.min(paddr);
+        hi = hi.max(paddr.checked_add(filesz)?);
+    }
+    (lo < hi).then(|| (lo, hi - lo))
 }
 
 /// Loads the initrd at the top of RAM below `max_end` (page-aligned), above `kernel_end`.
@@ -148,6 +189,7 @@ pub fn load_initrd(
     if !region_ok {
         return Err(BootError::Write("initrd"));
     }
+    crate::memory::populate(mem, GuestAddress(addr), size);
     read_into(mem, GuestAddress(addr), &mut file, size as usize)
         .map_err(read_err("initrd", path))?;
     Ok((addr, size))
