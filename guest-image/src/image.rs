@@ -305,7 +305,7 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 }
 
 /// `12.3 MiB`.
-pub(crate) fn human(bytes: u64) -> String {
+pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
     let mut v = bytes as f64;
     let mut unit = 0;

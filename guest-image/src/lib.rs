@@ -27,7 +27,7 @@ use std::path::PathBuf;
 
 pub use agent::{AGENT_RUSTFLAGS, AGENT_TARGET};
 pub use error::{Error, Result};
-pub use image::{build, BuildOptions, GuestImage, GUEST_MODULES, LOAD_ORDER_PATH};
+pub use image::{build, human, BuildOptions, GuestImage, GUEST_MODULES, LOAD_ORDER_PATH};
 pub use kernel::fetch_kernel;
 pub use vmlinux::extract_vmlinux;
 

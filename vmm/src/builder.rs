@@ -191,7 +191,6 @@ pub fn build_microvm(config: &VmConfig) -> Result<Vmm, BuildError> {
     vcpu::install_kick_handler().map_err(BuildError::Signal)?;
     let supported = vcpu::supported_cpuid(&kvm)?;
     let setup = VcpuSetup {
-        kvm: &kvm,
         supported_cpuid: &supported,
         vcpus: config.vcpus,
         mem: &mem,

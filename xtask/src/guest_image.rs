@@ -30,7 +30,11 @@ pub fn run(args: Args) -> Result<()> {
         &image.kernel_release_file,
     ] {
         let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        println!("  {:>10}  {}", human(size), relative(path).display());
+        println!(
+            "  {:>10}  {}",
+            hull_guest_image::human(size),
+            relative(path).display()
+        );
     }
     Ok(())
 }
@@ -42,7 +46,7 @@ pub fn ensure() -> Result<GuestImage> {
 }
 
 fn build(force: bool) -> Result<GuestImage> {
-    let workspace_root = workspace_root();
+    let workspace_root = crate::cargo::root();
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .map(|p| {
@@ -70,29 +74,7 @@ pub fn kernel_cache_dir(target_dir: &Path) -> PathBuf {
     target_dir.join("kernels")
 }
 
-fn workspace_root() -> PathBuf {
-    // xtask/ lives directly under the workspace root.
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-}
-
 fn relative(path: &Path) -> &Path {
-    let root = workspace_root();
+    let root = crate::cargo::root();
     path.strip_prefix(&root).unwrap_or(path)
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
 }

@@ -13,7 +13,7 @@ pub trait BusDevice: Send {
 }
 
 /// A device inserted where another already is.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("bus range {base:#x}+{len:#x} overlaps a device already there (or is empty)")]
 pub struct BusOverlap {
     /// Base of the rejected range.
@@ -88,15 +88,6 @@ impl Bus {
                 true
             }
             None => false,
-        }
-    }
-}
-
-impl Clone for BusOverlap {
-    fn clone(&self) -> Self {
-        Self {
-            base: self.base,
-            len: self.len,
         }
     }
 }

@@ -73,8 +73,6 @@ pub struct Vcpu {
 
 /// Everything every vCPU needs to be configured.
 pub struct VcpuSetup<'a> {
-    /// KVM system handle (for the supported CPUID).
-    pub kvm: &'a Kvm,
     /// CPUID supported by KVM, fetched once.
     pub supported_cpuid: &'a CpuId,
     /// Number of vCPUs.
@@ -107,7 +105,6 @@ impl Vcpu {
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(io("CREATE_VCPU"))?;
-        let _ = setup.kvm;
 
         let mut cpuid = setup.supported_cpuid.clone();
         cpuid::patch(
