@@ -32,6 +32,19 @@ pub enum ConsoleEvent {
     SetupError(String),
 }
 
+/// Whether `line` is L1's kernel saying that L1 itself is failing: a CPU stuck in the kernel, an RCU
+/// stall, or a panic. Seen under load when nested SVM is emulated by TCG (the same happens with
+/// QEMU as the inner VMM); the run is then retried like a silent L1.
+pub fn l1_kernel_fault(line: &str) -> bool {
+    const SIGNS: [&str; 4] = [
+        "watchdog: BUG: soft lockup",
+        "rcu_sched self-detected stall",
+        "rcu: INFO: rcu_preempt self-detected stall",
+        "Kernel panic - not syncing",
+    ];
+    SIGNS.iter().any(|s| line.contains(s))
+}
+
 const START: &str = "HULL_HARNESS_START=";
 const ALIVE: &str = "HULL_HARNESS_ALIVE=";
 const EXIT: &str = "HULL_HARNESS_EXIT=";

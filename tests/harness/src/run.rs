@@ -136,6 +136,14 @@ pub enum RunError {
         /// The console log of the last attempt.
         log: PathBuf,
     },
+    /// L1's kernel failed (soft lockup, RCU stall, panic) in both attempts.
+    #[error("L1's kernel failed twice in a row ({line}): nested SVM under TCG is unstable, this is not a test failure; console log: {}", log.display())]
+    L1Fault {
+        /// The kernel line that showed it.
+        line: String,
+        /// The console log of the last attempt.
+        log: PathBuf,
+    },
     /// L1's init failed before it could run the command.
     #[error("L1 set-up failed before the command ran: {message}; console log: {}", log.display())]
     Setup {
@@ -348,6 +356,15 @@ fn run_in_l1(
                 );
                 attempt += 1;
             }
+            Outcome::L1Fault(line) if attempt == 1 => {
+                eprintln!(
+                    "hull-harness: L1'S KERNEL FAILED ({line}): nested SVM under TCG is unstable under load. \
+                     QEMU killed; RETRYING THE WHOLE RUN ONCE. Log: {}",
+                    log.display()
+                );
+                attempt += 1;
+            }
+            Outcome::L1Fault(line) => return Err(RunError::L1Fault { line, log }),
             Outcome::Silent => {
                 return Err(RunError::Silent {
                     limit: opts.silence_timeout,
@@ -396,6 +413,7 @@ fn nonce() -> String {
 enum Outcome {
     Exit(i32),
     Silent,
+    L1Fault(String),
     WallClock,
     Setup(String),
     NoExitStatus { status: String, tail: String },
@@ -517,6 +535,9 @@ fn boot(config: &QemuConfig, opts: &RunOptions, log_path: &Path) -> Result<Outco
             );
             Outcome::Exit(code)
         }
+        (_, None, _) if session.fault.is_some() => {
+            Outcome::L1Fault(session.fault.take().unwrap_or_default())
+        }
         (_, None, Some(message)) => Outcome::Setup(message),
         (Some(Expiry::Silence), None, None) => Outcome::Silent,
         (Some(Expiry::WallClock), None, None) => Outcome::WallClock,
@@ -535,6 +556,8 @@ struct Session {
     verbose: bool,
     exit: Option<i32>,
     setup_error: Option<String>,
+    /// A line of L1's kernel saying L1 itself is failing ([`console::l1_kernel_fault`]).
+    fault: Option<String>,
     started: Option<Duration>,
     tail: Vec<String>,
     blank_lines: usize,
@@ -550,6 +573,7 @@ impl Session {
             verbose,
             exit: None,
             setup_error: None,
+            fault: None,
             started: None,
             tail: Vec::new(),
             blank_lines: 0,
@@ -572,7 +596,7 @@ impl Session {
         start: Instant,
     ) -> Option<Expiry> {
         loop {
-            if self.exit.is_some() {
+            if self.exit.is_some() || self.fault.is_some() {
                 return None;
             }
             let now = Instant::now();
@@ -608,6 +632,9 @@ impl Session {
     fn event(&mut self, event: ConsoleEvent, at: Duration) {
         match event {
             ConsoleEvent::Line(line) => {
+                if self.fault.is_none() && console::l1_kernel_fault(&line) {
+                    self.fault = Some(line.trim().to_owned());
+                }
                 // Unless verbose, show only what the command prints: the firmware's and the L1 kernel's
                 // boot messages before it and the power-off messages after it go to the log (and to the
                 // tail quoted by an error). Blank lines are held back: the init prints one before the
@@ -730,6 +757,23 @@ mod tests {
         assert_eq!(session.exit, None);
         assert_eq!(session.tail, ["Kernel panic"]);
         assert_eq!(shown, "", "boot messages are only in the tail");
+    }
+
+    #[test]
+    fn an_l1_soft_lockup_ends_the_attempt() {
+        let (session, end, _) = pump(
+            vec![
+                Message::Console(BOOT.to_vec()),
+                Message::Console(
+                    b"[   36.35] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [vcpu1:177]\r\nmore\r\n"
+                        .to_vec(),
+                ),
+            ],
+            false,
+        );
+        assert_eq!(end, None);
+        assert_eq!(session.exit, None);
+        assert!(session.fault.as_deref().unwrap().contains("soft lockup"));
     }
 
     #[test]
