@@ -2,3 +2,4 @@
 //! effects (interrupts, VM exit requests) go out through small handles it is given.
 pub mod legacy;
 pub mod power;
+pub mod virtio;

@@ -1,0 +1,1 @@
+//! Hull agent API (being written).
