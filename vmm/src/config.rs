@@ -40,6 +40,16 @@ impl std::str::FromStr for ConsoleConfig {
     }
 }
 
+/// The guest's virtio-vsock device and its hybrid-vsock Unix socket on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more: 0-2 are reserved).
+    pub guest_cid: u32,
+    /// The host socket: clients connect here and send `CONNECT <port>`; guest connections to host
+    /// port P go to `<uds>_P`.
+    pub uds: PathBuf,
+}
+
 /// Everything needed to build and boot one microVM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -61,6 +71,8 @@ pub struct VmConfig {
     pub kvm_path: PathBuf,
     /// Where loaded kernel modules are listed (`/sys/module`), for host detection.
     pub sysfs_module: PathBuf,
+    /// The vsock device, if any.
+    pub vsock: Option<VsockConfig>,
 }
 
 impl Default for VmConfig {
@@ -75,6 +87,7 @@ impl Default for VmConfig {
             pvm_guest: false,
             kvm_path: PathBuf::from("/dev/kvm"),
             sysfs_module: PathBuf::from("/sys/module"),
+            vsock: None,
         }
     }
 }
@@ -88,6 +101,12 @@ pub enum ConfigError {
     /// Memory below the minimum.
     #[error("too little memory: {0} MiB; the guest needs at least {MIN_MEMORY_MIB} MiB")]
     TooLittleMemory(u32),
+    /// A reserved vsock context id.
+    #[error("invalid vsock guest CID {0}: use 3 or more (0-2 are reserved)")]
+    VsockCid(u32),
+    /// The vsock socket's directory does not exist.
+    #[error("vsock socket {0}: its directory does not exist")]
+    VsockDir(PathBuf),
     /// Memory beyond what this VMM lays out.
     #[error("too much memory: {0} MiB; at most {max} MiB", max = crate::arch::layout::MAX_MEMORY_MIB)]
     TooMuchMemory(u32),
@@ -104,6 +123,15 @@ impl VmConfig {
         }
         if u64::from(self.memory_mib) > crate::arch::layout::MAX_MEMORY_MIB {
             return Err(ConfigError::TooMuchMemory(self.memory_mib));
+        }
+        if let Some(v) = &self.vsock {
+            if v.guest_cid < 3 || v.guest_cid == u32::MAX {
+                return Err(ConfigError::VsockCid(v.guest_cid));
+            }
+            let dir = v.uds.parent().filter(|p| !p.as_os_str().is_empty());
+            if dir.is_some_and(|d| !d.is_dir()) {
+                return Err(ConfigError::VsockDir(v.uds.clone()));
+            }
         }
         Ok(())
     }
@@ -149,5 +177,21 @@ mod tests {
             ..VmConfig::default()
         };
         assert_eq!(c.validate(), Err(ConfigError::TooMuchMemory(u32::MAX)));
+        let vsock = |cid, uds: &str| VmConfig {
+            vsock: Some(VsockConfig {
+                guest_cid: cid,
+                uds: uds.into(),
+            }),
+            ..VmConfig::default()
+        };
+        assert_eq!(
+            vsock(2, "/tmp/v.sock").validate(),
+            Err(ConfigError::VsockCid(2))
+        );
+        assert_eq!(vsock(3, "/tmp/v.sock").validate(), Ok(()));
+        assert_eq!(
+            vsock(3, "/nonexistent/dir/v.sock").validate(),
+            Err(ConfigError::VsockDir("/nonexistent/dir/v.sock".into()))
+        );
     }
 }

@@ -11,7 +11,9 @@
 //! - [`boot`]: loading the kernel (bzImage or ELF/PVH), initrd, command line, boot parameters.
 //! - [`acpi`]: RSDP/XSDT/FADT/MADT/DSDT describing CPUs and devices to the guest.
 //! - [`kvm`]: the VM and vCPU file descriptors, the vCPU run loop, the PIO/MMIO bus.
-//! - [`devices`]: emulated devices (serial console, power/reset, i8042 reset line).
+//! - [`devices`]: emulated devices (serial console, power/reset, i8042 reset line, virtio over
+//!   virtio-mmio).
+//! - [`device_manager`]: MMIO windows, GSIs, irqfds/ioeventfds and DSDT entries of virtio devices.
 //! - [`builder`] and [`vmm`]: assembling and running the microVM.
 #![warn(missing_docs)]
 
@@ -20,12 +22,14 @@ pub mod arch;
 pub mod boot;
 pub mod builder;
 pub mod config;
+pub mod device_manager;
 pub mod devices;
+pub mod event_loop;
 pub mod host;
 pub mod kvm;
 pub mod memory;
 pub mod vmm;
 
 pub use builder::{build_microvm, BuildError};
-pub use config::{ConsoleConfig, VmConfig};
+pub use config::{ConsoleConfig, VmConfig, VsockConfig};
 pub use vmm::{ExitReason, Vmm};

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use hull_vmm::config::DEFAULT_CMDLINE;
-use hull_vmm::{build_microvm, ConsoleConfig, VmConfig};
+use hull_vmm::{build_microvm, ConsoleConfig, VmConfig, VsockConfig};
 
 /// Hull's minimal KVM VMM: boots a Linux kernel (bzImage, or ELF vmlinux via PVH) with ACPI.
 #[derive(Parser)]
@@ -32,6 +32,12 @@ struct Cli {
     /// Declare the kernel PVM-capable (built with CONFIG_PVM_GUEST), so it may boot on a PVM host.
     #[arg(long)]
     pvm_guest: bool,
+    /// Give the guest a virtio-vsock device whose hybrid-vsock host socket is this path.
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
+    /// The guest's vsock context id.
+    #[arg(long, default_value_t = 3, requires = "vsock_uds")]
+    vsock_cid: u32,
     /// KVM device.
     #[arg(long, default_value = "/dev/kvm")]
     kvm: PathBuf,
@@ -59,6 +65,10 @@ fn main() -> ExitCode {
         pvm_guest: cli.pvm_guest,
         kvm_path: cli.kvm,
         sysfs_module: cli.sysfs_module,
+        vsock: cli.vsock_uds.map(|uds| VsockConfig {
+            guest_cid: cli.vsock_cid,
+            uds,
+        }),
     };
     let vmm = match build_microvm(&config) {
         Ok(v) => v,

@@ -66,6 +66,7 @@ pub struct Vmm {
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) events: Receiver<VmEvent>,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) event_loop: crate::event_loop::EventLoop,
     // Kept alive for as long as the vCPUs run: KVM maps this memory.
     pub(crate) _vm: VmFd,
     pub(crate) _mem: GuestMemoryMmap,
@@ -82,6 +83,7 @@ impl Vmm {
             .recv()
             .expect("the VMM holds a sender for as long as vCPUs run");
         self.stop_vcpus();
+        self.event_loop.stop();
         self.serial.lock().expect("serial lock").drain();
         tracing::debug!(
             elapsed_ms = self.started.elapsed().as_millis() as u64,
