@@ -1,6 +1,9 @@
 //! PID-1 duties of the guest agent: mount `/proc`, `/sys` and devtmpfs on `/dev`, load the kernel
-//! modules listed in `/lib/modules/load-order`, print the readiness marker on the console, then sync
-//! and power the guest off.
+//! modules listed in `/lib/modules/load-order`, then either
+//! - one-shot (`hull.oneshot` on the kernel command line: boot tests, the boot benchmark): print
+//!   the readiness marker on the console, sync and power the guest off; or
+//! - serve ([`crate::guest`]): the agent's API on vsock until `DestroySandbox`, then sync, unmount
+//!   what can be and power off.
 //!
 //! PID 1 must never exit (the kernel panics) nor hang: every failure ends in `HULL_GUEST_ERROR <what>`
 //! and a power-off, panics included. Quiet by default (serial output is slow in the nested harness);
@@ -14,17 +17,16 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::kmod::{finit_module, ModuleInitFlags};
-use nix::mount::{mount, MsFlags};
+use nix::mount::{mount, umount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
+
+use crate::cmdline::Cmdline;
+use crate::sysinfo::{Facts, SysInfoError};
 
 /// Where the image lists the modules to load, one absolute path a line, dependencies first.
 pub const LOAD_ORDER: &str = "/lib/modules/load-order";
-/// The marker a host waits for on the console.
-pub const READY_MARKER: &str = "HULL_GUEST_READY";
 /// The marker of a failed boot.
 pub const ERROR_MARKER: &str = "HULL_GUEST_ERROR";
-/// The kernel command-line flag that turns on step-by-step output.
-pub const DEBUG_FLAG: &str = "hull.debug";
 
 /// A fatal failure of init.
 #[derive(Debug, thiserror::Error)]
@@ -39,28 +41,9 @@ pub enum InitError {
         /// Why.
         errno: Errno,
     },
-    /// A file every Linux guest has could not be read.
-    #[error("read {path}: {source}")]
-    Read {
-        /// The file.
-        path: &'static str,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// A kernel file did not say what it should.
-    #[error("parse {path}: {what} in {text:?}")]
-    Parse {
-        /// The file.
-        path: &'static str,
-        /// What was missing or malformed.
-        what: &'static str,
-        /// The text (trimmed to a line or so).
-        text: String,
-    },
-    /// uname(2) failed.
-    #[error("uname: {0}")]
-    Uname(Errno),
+    /// The marker's facts could not be read.
+    #[error(transparent)]
+    SysInfo(#[from] SysInfoError),
 }
 
 /// Whether this process is the init of its PID namespace.
@@ -74,16 +57,32 @@ pub fn run() -> ! {
         let msg = info.to_string().replace('\n', " ");
         fatal(&format!("panic: {msg}"))
     }));
-    match boot() {
-        Ok(marker) => say(&marker),
-        Err(e) => say(&format!("{ERROR_MARKER} {e}")),
+    let cmdline = match boot() {
+        Ok(cmdline) => cmdline,
+        Err(e) => {
+            say(&format!("{ERROR_MARKER} {e}"));
+            power_off()
+        }
+    };
+    if cmdline.oneshot {
+        let t = Instant::now();
+        match Facts::read() {
+            Ok(facts) => {
+                step(cmdline.debug, format_args!("marker values read"), t);
+                say(&facts.marker());
+            }
+            Err(e) => say(&format!("{ERROR_MARKER} {}", InitError::from(e))),
+        }
+    } else if let Err(e) = crate::guest::run(&cmdline) {
+        say(&format!("{ERROR_MARKER} {e}"));
     }
     power_off()
 }
 
-/// Everything up to the marker line, which it returns.
-fn boot() -> Result<String, InitError> {
+/// Mounts, console, modules; returns the kernel command line's settings.
+fn boot() -> Result<Cmdline, InitError> {
     let mut log = Log::new();
+    let mut cmdline = Cmdline::default();
     for (fstype, target, flags, data) in [
         (
             "proc",
@@ -113,19 +112,19 @@ fn boot() -> Result<String, InitError> {
         }
         if fstype == "proc" {
             // /proc/cmdline is readable from here on.
-            let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
-            log.debug = debug_flag(&cmdline);
+            cmdline = Cmdline::parse(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
+            log.debug = cmdline.debug;
         }
         log.step(format_args!("mount {fstype} on {target}: ok"), t);
     }
     ensure_console();
 
-    load_modules(&log);
+    for warning in &cmdline.warnings {
+        say(&format!("hull-agent: kernel command line: {warning}"));
+    }
 
-    let t = Instant::now();
-    let marker = marker()?;
-    log.step(format_args!("marker values read"), t);
-    Ok(marker)
+    load_modules(&log);
+    Ok(cmdline)
 }
 
 /// Loads every module of [`LOAD_ORDER`], in order. Failures are reported and skipped: a missing
@@ -168,41 +167,6 @@ fn load_modules(log: &Log) {
     log.step(format_args!("modules: {ok} ok, {failed} failed"), all);
 }
 
-/// The readiness line: `HULL_GUEST_READY uptime_ms=.. cpus=.. mem_kib=.. kernel=..`.
-fn marker() -> Result<String, InitError> {
-    let read = |path: &'static str| {
-        fs::read_to_string(path).map_err(|source| InitError::Read { path, source })
-    };
-    let parse_err = |path: &'static str, what: &'static str, text: &str| InitError::Parse {
-        path,
-        what,
-        text: text.lines().next().unwrap_or("").chars().take(80).collect(),
-    };
-
-    const CPUS: &str = "/sys/devices/system/cpu/online";
-    let cpus_text = read(CPUS)?;
-    let cpus = count_cpu_list(&cpus_text)
-        .ok_or_else(|| parse_err(CPUS, "a cpu list like 0-1,3", &cpus_text))?;
-
-    const MEMINFO: &str = "/proc/meminfo";
-    let meminfo = read(MEMINFO)?;
-    let mem_kib =
-        mem_total_kib(&meminfo).ok_or_else(|| parse_err(MEMINFO, "a MemTotal line", &meminfo))?;
-
-    let uts = nix::sys::utsname::uname().map_err(InitError::Uname)?;
-    let kernel = uts.release().to_string_lossy().into_owned();
-
-    // Last, so it is as late as possible.
-    const UPTIME: &str = "/proc/uptime";
-    let uptime = read(UPTIME)?;
-    let uptime_ms =
-        uptime_ms(&uptime).ok_or_else(|| parse_err(UPTIME, "seconds since boot", &uptime))?;
-
-    Ok(format!(
-        "{READY_MARKER} uptime_ms={uptime_ms} cpus={cpus} mem_kib={mem_kib} kernel={kernel}"
-    ))
-}
-
 /// If the kernel could not give init a console (no `/dev/console` in the initramfs), open the one
 /// devtmpfs now provides as fds 0, 1 and 2.
 fn ensure_console() {
@@ -225,7 +189,7 @@ fn ensure_console() {
 }
 
 /// Writes a line to the console (stdout); never fails (nothing to report it to).
-fn say(line: &str) {
+pub fn say(line: &str) {
     let mut out = io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
@@ -242,9 +206,26 @@ fn fatal(what: &str) -> ! {
     power_off()
 }
 
+/// Before powering off at the end of a sandbox: sync, then unmount every mount but the root, the
+/// newest first (so a mount inside another goes before it), and sync again. What cannot be
+/// unmounted (busy) stays: its data is synced already and the power-off follows.
+pub fn unmount_all() {
+    nix::unistd::sync();
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for target in mount_points(&mounts).into_iter().rev() {
+        if target == "/" {
+            continue;
+        }
+        if let Err(errno) = umount(target.as_str()) {
+            tracing::debug!(%target, %errno, "unmount failed; left mounted");
+        }
+    }
+    nix::unistd::sync();
+}
+
 /// sync, then power off; falls back to halt and reboot (a VMM run with "no reboot" exits either way),
 /// and as a very last resort sleeps forever rather than exit (PID 1 exiting panics the kernel).
-fn power_off() -> ! {
+pub fn power_off() -> ! {
     nix::unistd::sync();
     for mode in [
         RebootMode::RB_POWER_OFF,
@@ -270,83 +251,19 @@ impl Log {
     }
 
     fn step(&self, what: std::fmt::Arguments<'_>, since: Instant) {
-        if self.debug {
-            let ms = since.elapsed().as_secs_f64() * 1000.0;
-            say(&format!("hull-agent: {what} ({ms:.2} ms)"));
-        }
+        step(self.debug, what, since);
+    }
+}
+
+/// With `debug`, one console line: what was done and how long it took.
+pub fn step(debug: bool, what: std::fmt::Arguments<'_>, since: Instant) {
+    if debug {
+        let ms = since.elapsed().as_secs_f64() * 1000.0;
+        say(&format!("hull-agent: {what} ({ms:.2} ms)"));
     }
 }
 
 // ---- pure parsers (unit-tested) ----
-
-/// Whether the kernel command line turns on debug output: `hull.debug`, or `hull.debug=1|y|yes|on|true`.
-/// The last occurrence wins.
-pub fn debug_flag(cmdline: &str) -> bool {
-    let mut on = false;
-    for word in cmdline.split_whitespace() {
-        if word == DEBUG_FLAG {
-            on = true;
-        } else if let Some(v) = word
-            .strip_prefix(DEBUG_FLAG)
-            .and_then(|r| r.strip_prefix('='))
-        {
-            on = matches!(
-                v.to_ascii_lowercase().as_str(),
-                "1" | "y" | "yes" | "on" | "true"
-            );
-        }
-    }
-    on
-}
-
-/// Milliseconds since boot from `/proc/uptime` ("350.63 1234.56").
-pub fn uptime_ms(text: &str) -> Option<u64> {
-    let secs = text.split_whitespace().next()?;
-    let (int, frac) = secs.split_once('.').unwrap_or((secs, ""));
-    if int.is_empty() || !frac.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let int: u64 = int.parse().ok()?;
-    // The first three fractional digits, right-padded: "63" → 630 ms.
-    let ms = frac
-        .bytes()
-        .chain(std::iter::repeat(b'0'))
-        .take(3)
-        .fold(0, |acc, d| acc * 10 + u64::from(d - b'0'));
-    int.checked_mul(1000)?.checked_add(ms)
-}
-
-/// How many CPUs a kernel cpu list names ("0-1,3" → 3; "0" → 1).
-pub fn count_cpu_list(text: &str) -> Option<u32> {
-    let text = text.trim();
-    if text.is_empty() {
-        return None;
-    }
-    let mut count = 0u32;
-    for part in text.split(',') {
-        let part = part.trim();
-        let (lo, hi) = match part.split_once('-') {
-            Some((lo, hi)) => (lo.parse::<u32>().ok()?, hi.parse::<u32>().ok()?),
-            None => {
-                let n = part.parse::<u32>().ok()?;
-                (n, n)
-            }
-        };
-        if hi < lo {
-            return None;
-        }
-        count = count.checked_add(hi - lo + 1)?;
-    }
-    Some(count)
-}
-
-/// `MemTotal` in KiB from `/proc/meminfo`.
-pub fn mem_total_kib(text: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-}
 
 /// The module paths of a load-order file: one a line, blank lines and `#` comments skipped.
 pub fn parse_load_order(text: &str) -> impl Iterator<Item = &str> {
@@ -355,53 +272,42 @@ pub fn parse_load_order(text: &str) -> impl Iterator<Item = &str> {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
 }
 
+/// The mount points of `/proc/self/mounts`, in mount order, with the kernel's octal escapes
+/// (`\040` for a space, `\011`, `\012`, `\134`) undone.
+pub fn mount_points(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .map(unescape_octal)
+        .collect()
+}
+
+fn unescape_octal(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)))
+            .map(|d| d.iter().fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0')))
+            .and_then(|v| u8::try_from(v).ok());
+        match escaped {
+            Some(b) => {
+                out.push(b);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn uptime() {
-        assert_eq!(uptime_ms("350.63 1234.56\n"), Some(350_630));
-        assert_eq!(uptime_ms("1.07 0.50\n"), Some(1070));
-        assert_eq!(uptime_ms("0.5 0.5"), Some(500));
-        assert_eq!(uptime_ms("12 3"), Some(12_000));
-        assert_eq!(uptime_ms("2.1234 1"), Some(2123));
-        assert_eq!(uptime_ms(""), None);
-        assert_eq!(uptime_ms("abc 1"), None);
-        assert_eq!(uptime_ms(".5 1"), None);
-        assert_eq!(uptime_ms("1.x 1"), None);
-    }
-
-    #[test]
-    fn cpu_lists() {
-        assert_eq!(count_cpu_list("0\n"), Some(1));
-        assert_eq!(count_cpu_list("0-1\n"), Some(2));
-        assert_eq!(count_cpu_list("0-1,3"), Some(3));
-        assert_eq!(count_cpu_list("0,2,4-7"), Some(6));
-        assert_eq!(count_cpu_list(""), None);
-        assert_eq!(count_cpu_list("3-1"), None);
-        assert_eq!(count_cpu_list("0-"), None);
-        assert_eq!(count_cpu_list("a"), None);
-    }
-
-    #[test]
-    fn meminfo() {
-        let text = "MemTotal:         496104 kB\nMemFree:          470000 kB\nMemAvailable:     460000 kB\n";
-        assert_eq!(mem_total_kib(text), Some(496_104));
-        assert_eq!(mem_total_kib("MemFree: 1 kB\n"), None);
-        assert_eq!(mem_total_kib("MemTotal: lots\n"), None);
-    }
-
-    #[test]
-    fn cmdline_flag() {
-        assert!(!debug_flag("console=ttyS0 quiet panic=-1"));
-        assert!(debug_flag("console=ttyS0 hull.debug quiet"));
-        assert!(debug_flag("hull.debug=1"));
-        assert!(debug_flag("hull.debug=on"));
-        assert!(!debug_flag("hull.debug=0"));
-        assert!(!debug_flag("hull.debug hull.debug=off"));
-        assert!(!debug_flag("hull.debugger xhull.debug"));
-    }
 
     #[test]
     fn load_order_file() {
@@ -412,6 +318,20 @@ mod tests {
             ["/lib/modules/r/kernel/a.ko", "/lib/modules/r/kernel/b.ko"]
         );
         assert_eq!(parse_load_order("").count(), 0);
+    }
+
+    #[test]
+    fn mounts_file() {
+        let text = "rootfs / rootfs rw 0 0\n\
+                    proc /proc proc rw,nosuid 0 0\n\
+                    devtmpfs /dev devtmpfs rw 0 0\n\
+                    tmpfs /run/a\\040b tmpfs rw 0 0\n\
+                    x /odd\\134\\0 x rw 0 0\n";
+        assert_eq!(
+            mount_points(text),
+            ["/", "/proc", "/dev", "/run/a b", "/odd\\\\0"]
+        );
+        assert!(mount_points("").is_empty());
     }
 
     #[test]

@@ -10,9 +10,15 @@ use hull_tests::{guest_image, run_with_deadline, vmm_bin, VmRun};
 /// Generous: an L2 boot takes ~5 s in the harness; a hang must still fail, not block.
 const LIMIT: Duration = Duration::from_secs(240);
 
+/// The default command line plus `hull.oneshot`: the agent prints its ready line and powers off.
+const ONESHOT_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 pci=off hull.oneshot";
+
 fn boot(kernel: &std::path::Path, vcpus: u8, memory_mib: u32, extra: &[&str]) -> VmRun {
     let img = guest_image();
     let mut cmd = Command::new(vmm_bin());
+    if !extra.contains(&"--cmdline") {
+        cmd.args(["--cmdline", ONESHOT_CMDLINE]);
+    }
     cmd.arg("--kernel")
         .arg(kernel)
         .arg("--initrd")

@@ -113,6 +113,177 @@ impl VmRun {
     }
 }
 
+/// A `hull-vmm` running in the background with a vsock device, for tests that talk to the agent.
+/// Killed (and its socket directory removed) on drop.
+pub struct RunningVm {
+    child: Option<std::process::Child>,
+    output: Option<std::thread::JoinHandle<(String, String)>>,
+    /// The hybrid-vsock socket.
+    pub uds: PathBuf,
+    /// A private directory for this VM's sockets.
+    pub dir: PathBuf,
+}
+
+impl RunningVm {
+    /// Boots the guest image (ELF/PVH) with `vcpus`, `memory_mib` and a vsock device, the agent
+    /// serving, plus `extra_cmdline` on the kernel command line.
+    pub fn start(name: &str, vcpus: u8, memory_mib: u32, extra_cmdline: &str) -> Self {
+        Self::start_in(Self::prepare(name), vcpus, memory_mib, extra_cmdline)
+    }
+
+    /// A fresh, empty socket directory for VM `name` (to bind host listeners in before the boot).
+    pub fn prepare(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("hull-vm-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the VM's socket directory");
+        dir
+    }
+
+    /// [`RunningVm::start`] in a directory from [`RunningVm::prepare`]; the hybrid-vsock socket is
+    /// `dir/vsock.sock`.
+    pub fn start_in(dir: PathBuf, vcpus: u8, memory_mib: u32, extra_cmdline: &str) -> Self {
+        let img = guest_image();
+        let uds = dir.join("vsock.sock");
+        let cmdline = format!("console=ttyS0 quiet reboot=k panic=-1 pci=off {extra_cmdline}");
+        let mut child = Command::new(vmm_bin())
+            .arg("--kernel")
+            .arg(&img.vmlinux)
+            .arg("--initrd")
+            .arg(&img.initramfs)
+            .args(["--vcpus", &vcpus.to_string(), "--memory", &memory_mib.to_string()])
+            .args(["--cmdline", &cmdline])
+            .arg("--vsock-uds")
+            .arg(&uds)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn hull-vmm");
+        let mut out = child.stdout.take().expect("piped");
+        let mut err = child.stderr.take().expect("piped");
+        let output = std::thread::spawn(move || {
+            let e = std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = err.read_to_string(&mut s);
+                s
+            });
+            let mut o = String::new();
+            let _ = out.read_to_string(&mut o);
+            (o, e.join().unwrap_or_default())
+        });
+        Self {
+            child: Some(child),
+            output: Some(output),
+            uds,
+            dir,
+        }
+    }
+
+    /// The VMM's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// Whether the VMM process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Waits (at most `limit`) for the VMM to exit by itself; returns its status and output.
+    pub fn wait(mut self, limit: Duration) -> VmRun {
+        let mut child = self.child.take().expect("not waited yet");
+        let output = self.output.take().expect("not waited yet");
+        let (tx, rx) = mpsc::channel();
+        let pid = child.id();
+        let waiter = std::thread::spawn(move || {
+            let status = child.wait().expect("wait");
+            let _ = tx.send(());
+            status
+        });
+        if rx.recv_timeout(limit).is_err() {
+            // SAFETY: plain kill(2) of our own unreaped child.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            let _ = waiter.join();
+            let (stdout, stderr) = output.join().unwrap_or_default();
+            panic!("hull-vmm did not exit within {limit:?}; stdout:\n{stdout}\nstderr:\n{stderr}");
+        }
+        let status = waiter.join().expect("waiter");
+        let (stdout, stderr) = output.join().unwrap_or_default();
+        VmRun { status, stdout, stderr }
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Opens a hybrid-vsock stream to guest `port` through the VM's socket `uds`: connects, sends
+/// `CONNECT <port>\n` and expects `OK <n>\n`. Fails if the guest has no listener there (the VMM then
+/// closes the connection).
+pub fn hybrid_connect(uds: &Path, port: u32) -> std::io::Result<std::os::unix::net::UnixStream> {
+    use std::io::{Error, ErrorKind, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(uds)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < 64 {
+        match s.read(&mut b)? {
+            0 => return Err(Error::new(ErrorKind::ConnectionRefused, "closed before OK")),
+            _ if b[0] == b'\n' => break,
+            _ => line.push(b[0]),
+        }
+    }
+    let line = String::from_utf8_lossy(&line);
+    if !line.starts_with("OK ") {
+        return Err(Error::new(ErrorKind::InvalidData, format!("bad handshake reply {line:?}")));
+    }
+    s.set_read_timeout(None)?;
+    Ok(s)
+}
+
+/// [`hybrid_connect`], retried (10 ms doubling to 200 ms) until it works or `limit` passes: for a
+/// guest service that may not be listening yet.
+pub fn hybrid_connect_retry(
+    uds: &Path,
+    port: u32,
+    limit: Duration,
+) -> std::os::unix::net::UnixStream {
+    let start = std::time::Instant::now();
+    let mut pause = Duration::from_millis(10);
+    loop {
+        match hybrid_connect(uds, port) {
+            Ok(s) => return s,
+            Err(e) if start.elapsed() > limit => {
+                panic!("no guest service on vsock port {port} after {limit:?}: {e}")
+            }
+            // Polling a service that is starting up: the backoff is the retry policy, not a
+            // synchronisation.
+            Err(_) => std::thread::sleep(pause),
+        }
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Deterministic test bytes for stream `seed` (xorshift).
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Runs `cmd` (stdin from /dev/null), collecting its output; kills it and panics after `limit`,
 /// so a hung guest fails the test instead of blocking the suite.
 pub fn run_with_deadline(mut cmd: Command, limit: Duration) -> VmRun {

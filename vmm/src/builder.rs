@@ -263,7 +263,12 @@ fn add_vsock(
     devices: &mut MmioDeviceManager,
     events: &mut EventLoopBuilder,
 ) -> Result<(), BuildError> {
-    // Wired once the vsock device lands (see /tmp/add_vsock_body.rs).
-    let _ = (v, vm, bus, mem, devices, events);
-    Err(BuildError::Vsock("not available yet".into()))
+    use crate::devices::virtio::vsock::Vsock;
+    let vsock = Vsock::new(u64::from(v.guest_cid), v.uds.clone())
+        .map_err(|e| BuildError::Vsock(e.to_string()))?;
+    let vsock = Arc::new(Mutex::new(vsock));
+    devices.add_virtio(vm, bus, mem, vsock.clone())?;
+    events.add(vsock);
+    Ok(())
 }
+

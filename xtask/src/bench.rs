@@ -17,6 +17,8 @@ use crate::{cargo, deps, guest_image, harness};
 
 /// The command line both VMMs boot with.
 pub const BENCH_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 pci=off";
+/// The same, with the agent printing its ready line and powering off at once.
+pub const ONESHOT_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 pci=off hull.oneshot";
 
 /// Which kernel image both VMMs boot.
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -48,15 +50,20 @@ pub struct Args {
 }
 
 /// A benchmark.
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Bench {
     /// VMM start to the guest's init marker, hull-vmm beside QEMU microvm.
     Boot,
+    /// Host → guest → host throughput through hybrid vsock, beside loopback TCP.
+    Vsock,
 }
 
 /// Arguments of the part that runs where KVM boots guests (inside L1).
 #[derive(clap::Args)]
 pub struct InnerArgs {
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Bench::Boot)]
+    pub what: Bench,
     /// Runs per VMM.
     #[arg(long)]
     pub runs: usize,
@@ -79,7 +86,6 @@ pub struct InnerArgs {
 
 /// Builds what the benchmark needs and runs its inner part where guests boot.
 pub fn run(args: Args) -> Result<()> {
-    let Bench::Boot = args.what;
     deps::ensure()?;
     let mut c = cargo::cargo();
     c.args(["build", "--release", "-p", "hull-vmm"]);
@@ -94,6 +100,12 @@ pub fn run(args: Args) -> Result<()> {
     let cmd: Vec<String> = vec![
         me.display().to_string(),
         "bench-inner".into(),
+        "--what".into(),
+        match args.what {
+            Bench::Boot => "boot",
+            Bench::Vsock => "vsock",
+        }
+        .into(),
         "--runs".into(),
         args.runs.to_string(),
         "--vmm".into(),
@@ -189,9 +201,45 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// One boot of hull-vmm with vsock, timed to the agent's first answered `Check`, then ended with
+/// `DestroySandbox`.
+fn hull_agent_once(a: &InnerArgs) -> Result<Sample> {
+    let start = Instant::now();
+    let mut vm = crate::agent_vm::AgentVm::spawn(
+        &a.vmm, &a.kernel, &a.initrd, a.vcpus, a.memory, BENCH_CMDLINE, false,
+    )?;
+    let client = vm.wait_agent(Duration::from_secs(300), Duration::from_millis(5))?;
+    let ready = start.elapsed();
+    let guest_ms = vm.block_on(client.guest_details())?.uptime_ms as f64;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap_or_default();
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(-1);
+    let (ok, stderr) = vm.destroy(&client)?;
+    if !ok {
+        bail!("hull-vmm failed after DestroySandbox: {stderr}");
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    Ok(Sample {
+        marker_ms: ms(ready),
+        guest_ms,
+        exit_ms: ms(start.elapsed()),
+        rss_kib,
+    })
+}
+
 /// The inner part: alternates the two VMMs and prints every run, the medians, and the last line
 /// `boot_ms hull=… qemu_microvm=… ratio=…`.
 pub fn inner(a: InnerArgs) -> Result<()> {
+    match a.what {
+        Bench::Boot => inner_boot(a),
+        Bench::Vsock => crate::bench_vsock::inner(&a),
+    }
+}
+
+fn inner_boot(a: InnerArgs) -> Result<()> {
     let hull = || {
         let mut c = Command::new(&a.vmm);
         c.arg("--kernel")
@@ -204,7 +252,7 @@ pub fn inner(a: InnerArgs) -> Result<()> {
                 "--memory",
                 &a.memory.to_string(),
             ])
-            .args(["--cmdline", BENCH_CMDLINE]);
+            .args(["--cmdline", ONESHOT_CMDLINE]);
         c
     };
     let qemu = || {
@@ -230,58 +278,60 @@ pub fn inner(a: InnerArgs) -> Result<()> {
         .arg(&a.kernel)
         .arg("-initrd")
         .arg(&a.initrd)
-        .args(["-append", BENCH_CMDLINE]);
+        .args(["-append", ONESHOT_CMDLINE]);
         c
     };
     println!(
-        "bench boot: kernel {} initrd {} vcpus {} memory {} MiB, {} runs each, alternating",
+        "bench boot: kernel {} initrd {} vcpus {} memory {} MiB, {} runs each, rotating order",
         a.kernel.display(),
         a.initrd.display(),
         a.vcpus,
         a.memory,
         a.runs
     );
-    // One warm-up each, not counted: brings the images into the page cache for both alike.
+    println!("  hull_agent: hull-vmm with vsock, VMM start -> first answered Check over hybrid vsock");
+    println!("  hull_init / qemu_microvm_init: VMM start -> the init's ready line (hull.oneshot)");
+    // One warm-up each, not counted: brings the images into the page cache for all alike.
+    hull_agent_once(&a)?;
     boot_once(hull())?;
     boot_once(qemu())?;
-    let (mut h, mut q) = (Vec::new(), Vec::new());
+    let names = ["hull_agent", "hull_init", "qemu_microvm_init"];
+    let mut samples: [Vec<Sample>; 3] = Default::default();
     for i in 0..a.runs {
-        // Alternate which goes first, so neither always follows the other.
-        let order: [(&str, bool); 2] = if i % 2 == 0 {
-            [("hull", true), ("qemu_microvm", false)]
-        } else {
-            [("qemu_microvm", false), ("hull", true)]
-        };
-        for (name, is_hull) in order {
-            let s = boot_once(if is_hull { hull() } else { qemu() })?;
+        // Rotate the order, so none always follows another.
+        for k in 0..3 {
+            let which = (i + k) % 3;
+            let s = match which {
+                0 => hull_agent_once(&a)?,
+                1 => boot_once(hull())?,
+                _ => boot_once(qemu())?,
+            };
             println!(
-                "run {i:2} {name:12} marker_ms={:8.1} guest_uptime_ms={:8.1} exit_ms={:8.1} peak_rss_kib={}",
-                s.marker_ms, s.guest_ms, s.exit_ms, s.rss_kib
+                "run {i:2} {:17} ready_ms={:8.1} guest_uptime_ms={:8.1} exit_ms={:8.1} peak_rss_kib={}",
+                names[which], s.marker_ms, s.guest_ms, s.exit_ms, s.rss_kib
             );
-            if is_hull {
-                h.push(s)
-            } else {
-                q.push(s)
-            }
+            samples[which].push(s);
         }
     }
     let med = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
-    let (hm, qm) = (med(&h, |s| s.marker_ms), med(&q, |s| s.marker_ms));
-    let (he, qe) = (med(&h, |s| s.exit_ms), med(&q, |s| s.exit_ms));
-    let (hr, qr) = (med(&h, |s| s.rss_kib as f64), med(&q, |s| s.rss_kib as f64));
-    println!("median to_marker_ms hull={hm:.1} qemu_microvm={qm:.1}");
-    let (hg, qg) = (med(&h, |s| s.guest_ms), med(&q, |s| s.guest_ms));
-    println!("median guest_uptime_at_marker_ms hull={hg:.1} qemu_microvm={qg:.1}");
-    println!(
-        "median vmm_overhead_ms (to_marker - guest uptime) hull={:.1} qemu_microvm={:.1}",
-        hm - hg,
-        qm - qg
+    for (name, v) in names.iter().zip(&samples) {
+        println!(
+            "median {name:17} ready_ms={:.1} guest_uptime_ms={:.1} exit_ms={:.1} peak_rss_kib={:.0}",
+            med(v, |s| s.marker_ms),
+            med(v, |s| s.guest_ms),
+            med(v, |s| s.exit_ms),
+            med(v, |s| s.rss_kib as f64)
+        );
+    }
+    let (ha, hi, qi) = (
+        med(&samples[0], |s| s.marker_ms),
+        med(&samples[1], |s| s.marker_ms),
+        med(&samples[2], |s| s.marker_ms),
     );
-    println!("median to_exit_ms hull={he:.1} qemu_microvm={qe:.1}");
-    println!("median peak_rss_kib hull={hr:.0} qemu_microvm={qr:.0}");
+    println!("boot_ms hull_init={hi:.1} qemu_microvm_init={qi:.1} ratio={:.3}", hi / qi);
     println!(
-        "boot_ms hull={hm:.1} qemu_microvm={qm:.1} ratio={:.3}",
-        hm / qm
+        "boot_ms hull_agent_ready={ha:.1} qemu_microvm_init={qi:.1} ratio={:.3}",
+        ha / qi
     );
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! `cargo xtask`: every project command (build the guest image, run the nested-KVM harness, run the
 //! test suite, benchmarks, the main job). Each command lives in its own module.
 
+mod agent_vm;
 mod bench;
+mod bench_vsock;
 mod cargo;
 mod deps;
 mod guest_image;
@@ -33,6 +35,9 @@ enum Command {
     Harness(harness::Args),
     /// Install the Debian packages the project needs.
     Deps,
+    /// The part of the main job that runs where guests boot (used by `run`).
+    #[command(hide = true)]
+    RunInner(run::InnerArgs),
     /// The part of a benchmark that runs where guests boot (used by `bench`).
     #[command(hide = true)]
     BenchInner(bench::InnerArgs),
@@ -47,5 +52,6 @@ fn main() -> Result<()> {
         Command::Harness(args) => harness::run(args),
         Command::Deps => deps::ensure(),
         Command::BenchInner(args) => bench::inner(args),
+        Command::RunInner(args) => run::inner(args),
     }
 }

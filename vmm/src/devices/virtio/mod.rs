@@ -105,7 +105,7 @@ pub struct ActivateArgs {
     pub mem: GuestMemoryMmap,
     /// The queues, in index order, checked valid.
     pub queues: Vec<virtio_queue::Queue>,
-    /// One eventfd per queue, signalled when the guest kicks that queue.
+    /// One eventfd per queue (`EFD_NONBLOCK`), signalled when the guest kicks that queue.
     pub queue_evts: Vec<EventFd>,
     /// The interrupt.
     pub interrupt: Arc<Interrupt>,
@@ -125,7 +125,8 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device-specific config space (ignored where read-only).
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// Starts the device. Called once per driver initialisation.
+    /// Starts the device. Called once per driver initialisation (normally after a
+    /// [`VirtioDevice::reset`], but a device must cope with a second call without one).
     fn activate(&mut self, args: ActivateArgs) -> Result<(), ActivateError>;
     /// Stops the device after a driver reset: drops its queues, connections and interrupt; a new
     /// [`VirtioDevice::activate`] may follow.

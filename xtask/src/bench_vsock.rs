@@ -1,0 +1,139 @@
+//! `cargo xtask bench vsock`: host → guest → host throughput through hybrid vsock (the agent's echo
+//! service behind hull-vmm's virtio-vsock device), beside the same transfer over loopback TCP to an
+//! echo server on the same machine (inside L1 in the harness). Reports MiB/s of data echoed, medians
+//! of several transfers, and `vsock_mib_s hull=… loopback=… ratio=…` as the last line.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::bench::InnerArgs;
+
+const ECHO_PORT: u32 = 5000;
+const TRANSFER: usize = 64 << 20;
+const CHUNK: usize = 64 << 10;
+
+/// Writes `TRANSFER` bytes on `w` while reading them back from `r`; returns MiB/s.
+fn echo_transfer<W: Write + Send + 'static, R: Read>(mut w: W, mut r: R) -> Result<f64> {
+    let start = Instant::now();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let buf = vec![0x5au8; CHUNK];
+        let mut left = TRANSFER;
+        while left > 0 {
+            let n = left.min(CHUNK);
+            w.write_all(&buf[..n])?;
+            left -= n;
+        }
+        Ok(())
+    });
+    let mut buf = vec![0u8; CHUNK];
+    let mut got = 0;
+    while got < TRANSFER {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            bail!("echo stream closed after {got} of {TRANSFER} bytes");
+        }
+        got += n;
+    }
+    writer.join().expect("writer thread")?;
+    Ok(TRANSFER as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64())
+}
+
+fn hybrid_connect(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
+    let mut s = UnixStream::connect(uds)?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < 64 {
+        if s.read(&mut b)? == 0 {
+            return Err(std::io::ErrorKind::ConnectionRefused.into());
+        }
+        if b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(std::io::ErrorKind::InvalidData.into());
+    }
+    Ok(s)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The part that runs where guests boot.
+pub fn inner(a: &InnerArgs) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("hull-bench-vsock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let uds = dir.join("vsock.sock");
+    let mut vm = Command::new(&a.vmm)
+        .arg("--kernel")
+        .arg(&a.kernel)
+        .arg("--initrd")
+        .arg(&a.initrd)
+        .args(["--vcpus", &a.vcpus.to_string(), "--memory", &a.memory.to_string()])
+        .args(["--cmdline", &format!("{} agent.echo_port={ECHO_PORT}", crate::bench::BENCH_CMDLINE)])
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("spawn hull-vmm")?;
+    let ready = Instant::now();
+    let mut pause = Duration::from_millis(10);
+    loop {
+        match hybrid_connect(&uds, ECHO_PORT) {
+            Ok(_) => break,
+            Err(e) if ready.elapsed() > Duration::from_secs(180) => {
+                let _ = vm.kill();
+                bail!("the guest echo service never answered: {e}");
+            }
+            // Polling a service that is starting: a retry policy, not a synchronisation.
+            Err(_) => std::thread::sleep(pause),
+        }
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for s in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut r = s;
+                let mut w = r.try_clone().expect("clone");
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        }
+    });
+
+    println!(
+        "bench vsock: {} MiB echoed per transfer, {} transfers each, alternating",
+        TRANSFER >> 20,
+        a.runs
+    );
+    let (mut h, mut l) = (Vec::new(), Vec::new());
+    for i in 0..a.runs {
+        let s = hybrid_connect(&uds, ECHO_PORT).context("vsock echo stream")?;
+        let hull = echo_transfer(s.try_clone()?, s)?;
+        let t = TcpStream::connect(addr)?;
+        let lo = echo_transfer(t.try_clone()?, t)?;
+        println!("run {i:2} hull_vsock_mib_s={hull:8.1} loopback_tcp_mib_s={lo:8.1}");
+        h.push(hull);
+        l.push(lo);
+    }
+    let _ = vm.kill();
+    let _ = vm.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let (hm, lm) = (median(h), median(l));
+    println!("vsock_mib_s hull={hm:.1} loopback={lm:.1} ratio={:.3}", hm / lm);
+    Ok(())
+}
