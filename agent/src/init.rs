@@ -21,7 +21,7 @@ use nix::mount::{mount, umount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
 
 use crate::cmdline::Cmdline;
-use crate::sysinfo::{Facts, SysInfoError};
+use crate::sysinfo::Facts;
 
 /// Where the image lists the modules to load, one absolute path a line, dependencies first.
 pub const LOAD_ORDER: &str = "/lib/modules/load-order";
@@ -41,9 +41,6 @@ pub enum InitError {
         /// Why.
         errno: Errno,
     },
-    /// The marker's facts could not be read.
-    #[error(transparent)]
-    SysInfo(#[from] SysInfoError),
 }
 
 /// Whether this process is the init of its PID namespace.
@@ -71,7 +68,7 @@ pub fn run() -> ! {
                 step(cmdline.debug, format_args!("marker values read"), t);
                 say(&facts.marker());
             }
-            Err(e) => say(&format!("{ERROR_MARKER} {}", InitError::from(e))),
+            Err(e) => say(&format!("{ERROR_MARKER} {e}")),
         }
     } else if let Err(e) = crate::guest::run(&cmdline) {
         say(&format!("{ERROR_MARKER} {e}"));

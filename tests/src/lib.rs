@@ -150,7 +150,12 @@ impl RunningVm {
             .arg(&img.vmlinux)
             .arg("--initrd")
             .arg(&img.initramfs)
-            .args(["--vcpus", &vcpus.to_string(), "--memory", &memory_mib.to_string()])
+            .args([
+                "--vcpus",
+                &vcpus.to_string(),
+                "--memory",
+                &memory_mib.to_string(),
+            ])
             .args(["--cmdline", &cmdline])
             .arg("--vsock-uds")
             .arg(&uds)
@@ -209,7 +214,11 @@ impl RunningVm {
         }
         let status = waiter.join().expect("waiter");
         let (stdout, stderr) = output.join().unwrap_or_default();
-        VmRun { status, stdout, stderr }
+        VmRun {
+            status,
+            stdout,
+            stderr,
+        }
     }
 }
 
@@ -242,7 +251,10 @@ pub fn hybrid_connect(uds: &Path, port: u32) -> std::io::Result<std::os::unix::n
     }
     let line = String::from_utf8_lossy(&line);
     if !line.starts_with("OK ") {
-        return Err(Error::new(ErrorKind::InvalidData, format!("bad handshake reply {line:?}")));
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("bad handshake reply {line:?}"),
+        ));
     }
     s.set_read_timeout(None)?;
     Ok(s)

@@ -271,4 +271,3 @@ fn add_vsock(
     events.add(vsock);
     Ok(())
 }
-

@@ -206,9 +206,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn hull_agent_once(a: &InnerArgs) -> Result<Sample> {
     let start = Instant::now();
     let mut vm = crate::agent_vm::AgentVm::spawn(
-        &a.vmm, &a.kernel, &a.initrd, a.vcpus, a.memory, BENCH_CMDLINE, false,
+        &a.vmm,
+        &a.kernel,
+        &a.initrd,
+        a.vcpus,
+        a.memory,
+        BENCH_CMDLINE,
+        false,
     )?;
-    let client = vm.wait_agent(Duration::from_secs(300), Duration::from_millis(5))?;
+    let client = vm.wait_agent(Duration::from_secs(300))?;
     let ready = start.elapsed();
     let guest_ms = vm.block_on(client.guest_details())?.uptime_ms as f64;
     let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap_or_default();
@@ -289,7 +295,9 @@ fn inner_boot(a: InnerArgs) -> Result<()> {
         a.memory,
         a.runs
     );
-    println!("  hull_agent: hull-vmm with vsock, VMM start -> first answered Check over hybrid vsock");
+    println!(
+        "  hull_agent: hull-vmm with vsock, VMM start -> first answered Check over hybrid vsock"
+    );
     println!("  hull_init / qemu_microvm_init: VMM start -> the init's ready line (hull.oneshot)");
     // One warm-up each, not counted: brings the images into the page cache for all alike.
     hull_agent_once(&a)?;
@@ -328,7 +336,10 @@ fn inner_boot(a: InnerArgs) -> Result<()> {
         med(&samples[1], |s| s.marker_ms),
         med(&samples[2], |s| s.marker_ms),
     );
-    println!("boot_ms hull_init={hi:.1} qemu_microvm_init={qi:.1} ratio={:.3}", hi / qi);
+    println!(
+        "boot_ms hull_init={hi:.1} qemu_microvm_init={qi:.1} ratio={:.3}",
+        hi / qi
+    );
     println!(
         "boot_ms hull_agent_ready={ha:.1} qemu_microvm_init={qi:.1} ratio={:.3}",
         ha / qi

@@ -80,8 +80,19 @@ pub fn inner(a: &InnerArgs) -> Result<()> {
         .arg(&a.kernel)
         .arg("--initrd")
         .arg(&a.initrd)
-        .args(["--vcpus", &a.vcpus.to_string(), "--memory", &a.memory.to_string()])
-        .args(["--cmdline", &format!("{} agent.echo_port={ECHO_PORT}", crate::bench::BENCH_CMDLINE)])
+        .args([
+            "--vcpus",
+            &a.vcpus.to_string(),
+            "--memory",
+            &a.memory.to_string(),
+        ])
+        .args([
+            "--cmdline",
+            &format!(
+                "{} agent.echo_port={ECHO_PORT}",
+                crate::bench::BENCH_CMDLINE
+            ),
+        ])
         .arg("--vsock-uds")
         .arg(&uds)
         .stdin(Stdio::null())
@@ -134,6 +145,9 @@ pub fn inner(a: &InnerArgs) -> Result<()> {
     let _ = vm.wait();
     let _ = std::fs::remove_dir_all(&dir);
     let (hm, lm) = (median(h), median(l));
-    println!("vsock_mib_s hull={hm:.1} loopback={lm:.1} ratio={:.3}", hm / lm);
+    println!(
+        "vsock_mib_s hull={hm:.1} loopback={lm:.1} ratio={:.3}",
+        hm / lm
+    );
     Ok(())
 }

@@ -38,7 +38,10 @@ pub fn run(args: Args) -> Result<()> {
         std::env::current_exe()?.display().to_string(),
         "run-inner".into(),
         "--vmm".into(),
-        cargo::root().join("target/release/hull-vmm").display().to_string(),
+        cargo::root()
+            .join("target/release/hull-vmm")
+            .display()
+            .to_string(),
         "--kernel".into(),
         img.vmlinux.display().to_string(),
         "--initrd".into(),
@@ -91,8 +94,11 @@ pub fn inner(a: InnerArgs) -> Result<()> {
     let mut vm = crate::agent_vm::AgentVm::spawn(
         &a.vmm, &a.kernel, &a.initrd, a.vcpus, a.memory, &cmdline, true,
     )?;
-    println!("xtask run: hull-vmm started (pid {}), waiting for the agent over hybrid vsock", vm.pid());
-    let client = vm.wait_agent(Duration::from_secs(300), Duration::from_millis(20))?;
+    println!(
+        "xtask run: hull-vmm started (pid {}), waiting for the agent over hybrid vsock",
+        vm.pid()
+    );
+    let client = vm.wait_agent(Duration::from_secs(300))?;
     let ready = start.elapsed();
     let d = vm.block_on(client.guest_details())?;
     println!(

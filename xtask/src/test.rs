@@ -49,7 +49,7 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     let mut c = cargo::cargo();
-    c.args(["test", "--workspace"]);
+    c.args(["test", "--workspace", "--no-fail-fast"]);
     let (host_ok, host_out) = cargo::run_captured(c)?;
     let (mut passed, mut failed, _) = cargo::count_results(&host_out);
     if !host_ok && failed == 0 {

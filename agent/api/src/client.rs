@@ -32,9 +32,9 @@ use crate::agent_ttrpc::AgentServiceClient;
 use crate::API_VERSION;
 
 /// First pause between two attempts; it doubles up to [`MAX_BACKOFF`].
-pub const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(2);
 /// Longest pause between two attempts.
-pub const MAX_BACKOFF: Duration = Duration::from_millis(200);
+pub const MAX_BACKOFF: Duration = Duration::from_millis(20);
 /// How long one attempt (connect, handshake, `Check`, `Version`) may take before it is abandoned
 /// and retried on a new connection (always cut to the deadline).
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);

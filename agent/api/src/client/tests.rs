@@ -262,8 +262,9 @@ async fn nothing_there_never_answers() {
         );
         match &err {
             ClientError::NeverAnswered { attempts, last, .. } => {
-                // 10 + 20 + 40 + 80 + 150 ms of pauses: 5 or 6 attempts (fewer on a loaded machine).
-                assert!((2..=8).contains(attempts), "{attempts}");
+                // Pauses of 2, 4, 8, 16, then 20 ms: about 17 attempts in 300 ms (fewer on a
+                // loaded machine), never a busy loop.
+                assert!((2..=40).contains(attempts), "{attempts}");
                 assert!(last.contains("No such file or directory"), "{last}");
             }
             other => panic!("{other:?}"),
