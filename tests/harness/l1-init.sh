@@ -29,6 +29,8 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 # transparent huge pages when the VMM asks (MADV_HUGEPAGE); the guest then takes 512x fewer
 # nested-paging faults while it boots.
 echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null
+# Loopback up: tests and benchmarks use 127.0.0.1 inside L1 (e.g. the loopback peer of bench vsock).
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up 2>/dev/null
 
 script=
 target=

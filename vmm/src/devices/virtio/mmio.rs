@@ -30,7 +30,10 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{ActivateArgs, Interrupt, InterruptType, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    ActivateArgs, Interrupt, InterruptType, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
 use crate::kvm::bus::BusDevice;
 
 /// Size of one device's MMIO window.
@@ -184,7 +187,7 @@ impl MmioTransport {
                     .map_err(|e| format!("queue {i} available ring: {e:?}"))?;
                 q.try_set_used_ring_address(addr(r.used))
                     .map_err(|e| format!("queue {i} used ring: {e:?}"))?;
-                q.set_event_idx(false);
+                q.set_event_idx(self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0);
                 q.set_ready(true);
                 if !q.is_valid(&self.mem) {
                     return Err(format!(

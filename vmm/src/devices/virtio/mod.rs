@@ -27,6 +27,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// `VIRTIO_F_VERSION_1`: a modern (virtio 1.x) device. Every Hull device offers it.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_RING_F_EVENT_IDX`: each side tells the other which ring index it next wants to hear
+/// about, so kicks and interrupts are suppressed while the other side is still busy. Under nested
+/// virtualization every kick and interrupt is a costly exit: this matters.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// `VIRTIO_F_IN_ORDER`.
 pub const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
 

@@ -49,7 +49,7 @@ use self::muxer::Muxer;
 use self::packet::{read_tx_packet, PacketError, RxBuffer, HDR_LEN};
 use super::{
     device_type, ActivateArgs, ActivateError, Interrupt, InterruptType, VirtioDevice,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// Index of the rx queue (device to guest).
@@ -228,6 +228,10 @@ impl Vsock {
         while muxer.has_pending_rx() {
             let Some(chain) = a.queues[RXQ].pop_descriptor_chain(&a.mem) else {
                 // No buffers: host sockets stay unread until the guest posts some (rx kick).
+                // With EVENT_IDX, ask for that kick; buffers posted meanwhile are used at once.
+                if a.queues[RXQ].enable_notification(&a.mem).unwrap_or(false) {
+                    continue;
+                }
                 break;
             };
             let head = chain.head_index();
@@ -257,6 +261,8 @@ impl Vsock {
             }
             used = true;
         }
+        // Keep the guest's "kick me after this index" current (EVENT_IDX).
+        let _ = a.queues[RXQ].enable_notification(&a.mem);
         if used {
             Self::notify(a, RXQ);
         }
@@ -276,13 +282,17 @@ impl Vsock {
         };
         *tx_stalled = false;
         let mut used = false;
-        loop {
+        'passes: loop {
             if muxer.rst_backlog_full() {
                 // Each packet may need an RST back: wait for the guest to take some.
                 *tx_stalled = true;
                 break;
             }
             let Some(chain) = a.queues[TXQ].pop_descriptor_chain(&a.mem) else {
+                // Re-arm the guest's kick (EVENT_IDX); packets queued meanwhile are taken now.
+                if a.queues[TXQ].enable_notification(&a.mem).unwrap_or(false) {
+                    continue 'passes;
+                }
                 break;
             };
             let head = chain.head_index();
@@ -400,7 +410,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

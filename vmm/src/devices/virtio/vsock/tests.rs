@@ -280,7 +280,10 @@ fn config_features_and_construction() {
     let dev = h.dev.lock().unwrap();
     assert_eq!(dev.device_type(), 19);
     assert_eq!(dev.queue_max_sizes(), &[256, 256, 256]);
-    assert_eq!(dev.avail_features(), VIRTIO_F_VERSION_1);
+    assert_eq!(
+        dev.avail_features(),
+        VIRTIO_F_VERSION_1 | crate::devices::virtio::VIRTIO_RING_F_EVENT_IDX
+    );
     let mut b = [0xffu8; 8];
     dev.read_config(0, &mut b);
     assert_eq!(u64::from_le_bytes(b), CID);
