@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cargo, deps, guest_image, harness};
+use crate::{cargo, guest_image, harness};
 
 /// The command line both VMMs boot with.
 pub const BENCH_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 pci=off";
@@ -86,11 +86,7 @@ pub struct InnerArgs {
 
 /// Builds what the benchmark needs and runs its inner part where guests boot.
 pub fn run(args: Args) -> Result<()> {
-    deps::ensure()?;
-    let mut c = cargo::cargo();
-    c.args(["build", "--release", "-p", "hull-vmm"]);
-    cargo::run(c)?;
-    let img = guest_image::ensure()?;
+    let img = guest_image::prepare_release()?;
     let kernel = match args.kernel {
         KernelKind::Elf => img.vmlinux,
         KernelKind::Bzimage => img.vmlinuz,

@@ -7,7 +7,6 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -71,48 +70,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// The part that runs where guests boot.
 pub fn inner(a: &InnerArgs) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("hull-bench-vsock-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let uds = dir.join("vsock.sock");
-    let mut vm = Command::new(&a.vmm)
-        .arg("--kernel")
-        .arg(&a.kernel)
-        .arg("--initrd")
-        .arg(&a.initrd)
-        .args([
-            "--vcpus",
-            &a.vcpus.to_string(),
-            "--memory",
-            &a.memory.to_string(),
-        ])
-        .args([
-            "--cmdline",
-            &format!(
-                "{} agent.echo_port={ECHO_PORT}",
-                crate::bench::BENCH_CMDLINE
-            ),
-        ])
-        .arg("--vsock-uds")
-        .arg(&uds)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("spawn hull-vmm")?;
-    let ready = Instant::now();
-    let mut pause = Duration::from_millis(10);
-    loop {
-        match hybrid_connect(&uds, ECHO_PORT) {
-            Ok(_) => break,
-            Err(e) if ready.elapsed() > Duration::from_secs(180) => {
-                let _ = vm.kill();
-                bail!("the guest echo service never answered: {e}");
-            }
-            // Polling a service that is starting: a retry policy, not a synchronisation.
-            Err(_) => std::thread::sleep(pause),
-        }
-        pause = (pause * 2).min(Duration::from_millis(200));
-    }
+    let mut vm = crate::agent_vm::AgentVm::spawn(
+        &a.vmm,
+        &a.kernel,
+        &a.initrd,
+        a.vcpus,
+        a.memory,
+        &format!(
+            "{} agent.echo_port={ECHO_PORT}",
+            crate::bench::BENCH_CMDLINE
+        ),
+        false,
+    )?;
+    let client = vm.wait_agent(Duration::from_secs(300))?;
+    let uds = vm.uds.clone();
 
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
@@ -141,9 +112,10 @@ pub fn inner(a: &InnerArgs) -> Result<()> {
         h.push(hull);
         l.push(lo);
     }
-    let _ = vm.kill();
-    let _ = vm.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+    let (ok, stderr) = vm.destroy(&client)?;
+    if !ok {
+        bail!("hull-vmm failed after DestroySandbox: {stderr}");
+    }
     let (hm, lm) = (median(h), median(l));
     println!(
         "vsock_mib_s hull={hm:.1} loopback={lm:.1} ratio={:.3}",

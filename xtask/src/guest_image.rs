@@ -78,3 +78,13 @@ fn relative(path: &Path) -> &Path {
     let root = crate::cargo::root();
     path.strip_prefix(&root).unwrap_or(path)
 }
+
+/// What every command that boots a guest needs first: the Debian packages, a release `hull-vmm`
+/// and the guest image.
+pub fn prepare_release() -> Result<GuestImage> {
+    crate::deps::ensure()?;
+    let mut c = crate::cargo::cargo();
+    c.args(["build", "--release", "-p", "hull-vmm"]);
+    crate::cargo::run(c)?;
+    ensure()
+}

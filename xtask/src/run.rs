@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
-use crate::{cargo, deps, guest_image, harness};
+use crate::{cargo, guest_image, harness};
 
 /// Arguments of `cargo xtask run`.
 #[derive(clap::Args)]
@@ -25,11 +25,7 @@ pub struct Args {
 
 /// Runs the main job.
 pub fn run(args: Args) -> Result<()> {
-    deps::ensure()?;
-    let mut c = cargo::cargo();
-    c.args(["build", "--release", "-p", "hull-vmm"]);
-    cargo::run(c)?;
-    let img = guest_image::ensure()?;
+    let img = guest_image::prepare_release()?;
     let host = hull_harness::detect();
     if host.needs_l1() {
         println!("xtask run: this host has no hardware KVM ({host:?}): booting the guest inside the nested-KVM harness");
