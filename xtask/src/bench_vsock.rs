@@ -63,6 +63,29 @@ fn hybrid_connect(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
     Ok(s)
 }
 
+/// CPU seconds (user + system) of each thread of process `pid`, by thread name.
+fn thread_cpu(pid: u32) -> Vec<(String, f64)> {
+    let tick = 100.0; // USER_HZ
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for t in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        out.push((name, (num(11) + num(12)) / tick));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -103,14 +126,30 @@ pub fn inner(a: &InnerArgs) -> Result<()> {
         a.runs
     );
     let (mut h, mut l) = (Vec::new(), Vec::new());
+    let cpu_before = thread_cpu(vm.pid());
+    let mut hull_secs = 0.0;
     for i in 0..a.runs {
         let s = hybrid_connect(&uds, ECHO_PORT).context("vsock echo stream")?;
+        let t0 = Instant::now();
         let hull = echo_transfer(s.try_clone()?, s)?;
+        hull_secs += t0.elapsed().as_secs_f64();
         let t = TcpStream::connect(addr)?;
         let lo = echo_transfer(t.try_clone()?, t)?;
         println!("run {i:2} hull_vsock_mib_s={hull:8.1} loopback_tcp_mib_s={lo:8.1}");
         h.push(hull);
         l.push(lo);
+    }
+    // Where hull-vmm spent CPU during the vsock transfers (and the loopback ones: idle there).
+    let cpu_after = thread_cpu(vm.pid());
+    for (name, after) in &cpu_after {
+        let before = cpu_before
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0.0, |b| b.1);
+        println!(
+            "hull-vmm thread {name:12} cpu_s={:.2} over {hull_secs:.1} s of vsock transfers",
+            after - before
+        );
     }
     let (ok, stderr) = vm.destroy(&client)?;
     if !ok {
