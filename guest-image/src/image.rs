@@ -30,7 +30,7 @@ pub const GUEST_MODULES: &[&str] = &[
 pub const LOAD_ORDER_PATH: &str = "/lib/modules/load-order";
 
 /// Bump when the initramfs layout (or anything else not captured by file fingerprints) changes.
-const LAYOUT_VERSION: u32 = 1;
+const LAYOUT_VERSION: u32 = 2;
 
 /// What to build and where.
 #[derive(Debug, Clone)]
@@ -140,7 +140,9 @@ pub fn build(opts: &BuildOptions) -> Result<GuestImage> {
         step(3, "vmlinuz + vmlinux", "(cached)");
     } else {
         let bz = fs::read(&src).map_err(Error::io("read", &src))?;
-        let elf = extract_vmlinux(&bz)?;
+        let mut elf = extract_vmlinux(&bz)?;
+        // Less to copy into guest memory at every boot.
+        let trimmed = crate::elf::trim_zero_tails(&mut elf);
         write_atomic(&vmlinuz, &bz)?;
         write_atomic(&vmlinux, &elf)?;
         write_atomic(&release_file, format!("{}\n", kpkg.release).as_bytes())?;
@@ -149,9 +151,10 @@ pub fn build(opts: &BuildOptions) -> Result<GuestImage> {
             3,
             "vmlinuz + vmlinux",
             &format!(
-                "extracted ({} -> {})",
+                "extracted ({} -> {}, {} of zero segment tails not loaded)",
                 human(bz.len() as u64),
-                human(elf.len() as u64)
+                human(elf.len() as u64),
+                human(trimmed)
             ),
         );
     }

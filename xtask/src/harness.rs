@@ -16,7 +16,7 @@ pub struct Args {
     #[arg(long, default_value_t = hull_harness::DEFAULT_TIMEOUT.as_secs())]
     pub timeout: u64,
     /// Seconds L1 may print nothing (not even its heartbeat) before it counts as hung and the run is
-    /// retried once.
+    /// retried (up to hull_harness::MAX_ATTEMPTS attempts in all).
     #[arg(long, default_value_t = hull_harness::DEFAULT_SILENCE_TIMEOUT.as_secs())]
     pub silence_timeout: u64,
     /// Show the full L1 kernel log and the L1 init's progress (also: HULL_HARNESS_VERBOSE=1).

@@ -35,5 +35,5 @@ pub use host::{detect, HostKind};
 pub use image::{ImageError, L1Image};
 pub use run::{
     default_target_dir, forwarded_env, run, run_script, HarnessError, RunError, RunOptions,
-    DEFAULT_SILENCE_TIMEOUT, DEFAULT_TIMEOUT,
+    DEFAULT_SILENCE_TIMEOUT, DEFAULT_TIMEOUT, MAX_ATTEMPTS,
 };
