@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use hull_tests::{guest_image, run_with_deadline, vmm_bin, VmRun};
+use hull_tests::{guest_image, run_with_deadline, vmm_bin, vmm_command, VmRun};
 
 /// Generous: an L2 boot takes ~5 s in the harness; a hang must still fail, not block.
 const LIMIT: Duration = Duration::from_secs(240);
@@ -14,22 +14,11 @@ const LIMIT: Duration = Duration::from_secs(240);
 const ONESHOT_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 pci=off hull.oneshot";
 
 fn boot(kernel: &std::path::Path, vcpus: u8, memory_mib: u32, extra: &[&str]) -> VmRun {
-    let img = guest_image();
-    let mut cmd = Command::new(vmm_bin());
+    let mut cmd = vmm_command(kernel, vcpus, memory_mib);
     if !extra.contains(&"--cmdline") {
         cmd.args(["--cmdline", ONESHOT_CMDLINE]);
     }
-    cmd.arg("--kernel")
-        .arg(kernel)
-        .arg("--initrd")
-        .arg(&img.initramfs)
-        .args([
-            "--vcpus",
-            &vcpus.to_string(),
-            "--memory",
-            &memory_mib.to_string(),
-        ])
-        .args(extra);
+    cmd.args(extra);
     run_with_deadline(cmd, LIMIT)
 }
 

@@ -35,6 +35,19 @@ pub fn vmm_bin() -> PathBuf {
     p
 }
 
+/// `hull-vmm` booting `kernel` with the guest image's initramfs, `vcpus` and `memory_mib`; the
+/// caller adds the rest.
+pub fn vmm_command(kernel: &Path, vcpus: u8, memory_mib: u32) -> Command {
+    let mut cmd = Command::new(vmm_bin());
+    cmd.arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(guest_image().initramfs)
+        .args(["--vcpus", &vcpus.to_string()])
+        .args(["--memory", &memory_mib.to_string()]);
+    cmd
+}
+
 /// The guest image built by `cargo xtask guest-image`.
 #[derive(Debug, Clone)]
 pub struct GuestImage {
@@ -145,17 +158,7 @@ impl RunningVm {
         let img = guest_image();
         let uds = dir.join("vsock.sock");
         let cmdline = format!("console=ttyS0 quiet reboot=k panic=-1 pci=off {extra_cmdline}");
-        let mut child = Command::new(vmm_bin())
-            .arg("--kernel")
-            .arg(&img.vmlinux)
-            .arg("--initrd")
-            .arg(&img.initramfs)
-            .args([
-                "--vcpus",
-                &vcpus.to_string(),
-                "--memory",
-                &memory_mib.to_string(),
-            ])
+        let mut child = vmm_command(&img.vmlinux, vcpus, memory_mib)
             .args(["--cmdline", &cmdline])
             .arg("--vsock-uds")
             .arg(&uds)

@@ -84,6 +84,21 @@ pub struct InnerArgs {
     pub memory: u32,
 }
 
+impl InnerArgs {
+    /// hull-vmm with this kernel, initrd and size, a vsock device and `cmdline`, console hidden.
+    pub fn spawn_agent_vm(&self, cmdline: &str) -> Result<crate::agent_vm::AgentVm> {
+        crate::agent_vm::AgentVm::spawn(
+            &self.vmm,
+            &self.kernel,
+            &self.initrd,
+            self.vcpus,
+            self.memory,
+            cmdline,
+            false,
+        )
+    }
+}
+
 /// Builds what the benchmark needs and runs its inner part where guests boot.
 pub fn run(args: Args) -> Result<()> {
     let img = guest_image::prepare_release()?;
@@ -201,15 +216,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// `DestroySandbox`.
 fn hull_agent_once(a: &InnerArgs) -> Result<Sample> {
     let start = Instant::now();
-    let mut vm = crate::agent_vm::AgentVm::spawn(
-        &a.vmm,
-        &a.kernel,
-        &a.initrd,
-        a.vcpus,
-        a.memory,
-        BENCH_CMDLINE,
-        false,
-    )?;
+    let mut vm = a.spawn_agent_vm(BENCH_CMDLINE)?;
     let client = vm.wait_agent(Duration::from_secs(300))?;
     let ready = start.elapsed();
     let guest_ms = vm.block_on(client.guest_details())?.uptime_ms as f64;

@@ -93,18 +93,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// The part that runs where guests boot.
 pub fn inner(a: &InnerArgs) -> Result<()> {
-    let mut vm = crate::agent_vm::AgentVm::spawn(
-        &a.vmm,
-        &a.kernel,
-        &a.initrd,
-        a.vcpus,
-        a.memory,
-        &format!(
-            "{} agent.echo_port={ECHO_PORT}",
-            crate::bench::BENCH_CMDLINE
-        ),
-        false,
-    )?;
+    let mut vm = a.spawn_agent_vm(&format!(
+        "{} agent.echo_port={ECHO_PORT}",
+        crate::bench::BENCH_CMDLINE
+    ))?;
     let client = vm.wait_agent(Duration::from_secs(300))?;
     let uds = vm.uds.clone();
 

@@ -8,6 +8,21 @@ use super::*;
 use crate::testing::{fake_values, FakeAgent, FakeHybridVsock, TempDir, FIRST_HOST_PORT};
 use crate::DEFAULT_AGENT_PORT;
 
+/// A fake agent on a Unix socket, behind a fake VMM's hybrid-vsock socket, and the target to dial.
+async fn agent_behind_hybrid_vsock(name: &str) -> (TempDir, FakeAgent, FakeHybridVsock, Target) {
+    let dir = TempDir::new(name).unwrap();
+    let agent = FakeAgent::start(&dir.join("agent.sock"), API_VERSION)
+        .await
+        .unwrap();
+    let vmm =
+        FakeHybridVsock::start(&dir.join("vsock.sock"), DEFAULT_AGENT_PORT, agent.path()).unwrap();
+    let target = Target::HybridVsock {
+        uds: vmm.path().to_owned(),
+        port: DEFAULT_AGENT_PORT,
+    };
+    (dir, agent, vmm, target)
+}
+
 fn secs(s: f64) -> Instant {
     Instant::now() + Duration::from_secs_f64(s)
 }
@@ -87,16 +102,7 @@ fn errors_say_what_failed() {
 
 #[tokio::test]
 async fn hybrid_handshake_reaches_the_agent() {
-    let dir = TempDir::new("client-hybrid").unwrap();
-    let agent = FakeAgent::start(&dir.join("agent.sock"), API_VERSION)
-        .await
-        .unwrap();
-    let vmm =
-        FakeHybridVsock::start(&dir.join("vsock.sock"), DEFAULT_AGENT_PORT, agent.path()).unwrap();
-    let target = Target::HybridVsock {
-        uds: vmm.path().to_owned(),
-        port: DEFAULT_AGENT_PORT,
-    };
+    let (_dir, agent, vmm, target) = agent_behind_hybrid_vsock("client-hybrid").await;
 
     let client = connect(&target, secs(5.0)).await.unwrap();
     assert_eq!(vmm.accepted(), 1);
@@ -296,16 +302,7 @@ async fn a_guest_that_is_not_listening_yet_is_retried() {
 
 #[tokio::test]
 async fn a_dead_vm_stops_at_once() {
-    let dir = TempDir::new("client-dead").unwrap();
-    let agent = FakeAgent::start(&dir.join("agent.sock"), API_VERSION)
-        .await
-        .unwrap();
-    let vmm =
-        FakeHybridVsock::start(&dir.join("vsock.sock"), DEFAULT_AGENT_PORT, agent.path()).unwrap();
-    let target = Target::HybridVsock {
-        uds: vmm.path().to_owned(),
-        port: DEFAULT_AGENT_PORT,
-    };
+    let (_dir, agent, vmm, target) = agent_behind_hybrid_vsock("client-dead").await;
     let t = Instant::now();
     let err = connect_watching(&target, secs(5.0), || false)
         .await
