@@ -28,6 +28,18 @@ pub enum AgentError {
         /// Why.
         errno: Errno,
     },
+    /// No such container or process.
+    #[error("{0}")]
+    NotFound(String),
+    /// The container or process id is taken.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The container runtime (libcontainer) failed; its message.
+    #[error("{0}")]
+    Failed(String),
+    /// Something in the agent failed.
+    #[error("{0}")]
+    Internal(String),
     /// The kernel's files could not be read.
     #[error(transparent)]
     SysInfo(#[from] SysInfoError),
@@ -44,7 +56,11 @@ impl AgentError {
                 errno: Errno::EPERM,
                 ..
             } => ttrpc::Code::PERMISSION_DENIED,
-            Self::Sys { .. } | Self::SysInfo(_) => ttrpc::Code::INTERNAL,
+            Self::NotFound(_) => ttrpc::Code::NOT_FOUND,
+            Self::AlreadyExists(_) => ttrpc::Code::ALREADY_EXISTS,
+            Self::Sys { .. } | Self::SysInfo(_) | Self::Failed(_) | Self::Internal(_) => {
+                ttrpc::Code::INTERNAL
+            }
         }
     }
 }
@@ -92,6 +108,15 @@ pub enum ServeError {
     /// The marker's facts could not be read.
     #[error(transparent)]
     SysInfo(#[from] SysInfoError),
+    /// Containers could not be set up.
+    #[error("containers: {what}: {source}")]
+    Containers {
+        /// What failed.
+        what: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! is written, the server closes, and the caller ([`crate::init::run`]) syncs, unmounts and powers
 //! off.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
@@ -17,7 +18,7 @@ use crate::init::{say, step, unmount_all};
 use crate::reaper::Reaper;
 use crate::rpc::{self, Mode, State};
 use crate::sysinfo::Facts;
-use crate::{echo, log, net};
+use crate::{container, echo, log, net};
 
 /// Serves until `DestroySandbox`, then unmounts what it can; the caller powers off.
 pub fn run(cmdline: &Cmdline) -> Result<(), ServeError> {
@@ -44,13 +45,21 @@ pub fn run(cmdline: &Cmdline) -> Result<(), ServeError> {
 
 async fn serve(cmdline: &Cmdline) -> Result<(), ServeError> {
     log::init_guest(cmdline.debug, cmdline.log_port);
-    let _reaper = Reaper::start().map_err(|source| ServeError::Signal {
+    let reaper = Reaper::start().map_err(|source| ServeError::Signal {
         signal: "SIGCHLD",
         source,
     })?;
+    let cfg = container::guest_config();
+    let state_dir = cfg.state_dir.clone();
+    let containers = Arc::new(container::Containers::new(cfg, reaper).map_err(|source| {
+        ServeError::Containers {
+            what: format!("state directory {}", state_dir.display()),
+            source,
+        }
+    })?);
 
     let (listener, addr) = bind(cmdline.port)?;
-    let state = State::new(Mode::Guest);
+    let state = State::with_containers(Mode::Guest, containers);
     let server = rpc::Server::start(listener.into(), state, &addr).await?;
 
     if let Some(port) = cmdline.echo_port {

@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 mod cmdline;
+mod container;
 mod echo;
 mod error;
 mod guest;
@@ -19,13 +20,6 @@ mod host;
 mod init;
 mod log;
 mod net;
-#[cfg_attr(
-    not(test),
-    allow(
-        dead_code,
-        reason = "the spawn side (Reaper::lock, SpawnGuard::watch) is for the container RPCs, next"
-    )
-)]
 mod reaper;
 mod rpc;
 mod sysinfo;
@@ -35,6 +29,12 @@ use std::process::ExitCode;
 use error::ServeError;
 
 fn main() -> ExitCode {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == container::helper::HELPER_ARG)
+    {
+        return container::helper::main();
+    }
     if init::is_pid1() {
         init::run();
     }

@@ -5,6 +5,8 @@
 //! with `--features guest` and runs them inside the nested-KVM harness (or directly on a
 //! hardware-KVM host).
 
+pub mod containers;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};

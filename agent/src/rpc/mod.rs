@@ -8,6 +8,7 @@
 //! a host-mode agent never sets the clock, and `DestroySandbox` ends the process instead of
 //! powering off.
 
+pub mod container;
 pub mod health;
 pub mod sandbox;
 
@@ -21,6 +22,7 @@ use tokio::sync::watch;
 use ttrpc::r#async::transport::Listener;
 use ttrpc::r#async::TtrpcContext;
 
+use crate::container::Containers;
 use crate::error::{AgentError, ServeError};
 
 /// Where the agent runs.
@@ -38,16 +40,35 @@ pub struct State {
     mode: Mode,
     serving: AtomicBool,
     stop: watch::Sender<bool>,
+    containers: Option<Arc<Containers>>,
 }
 
 impl State {
-    /// A serving agent in `mode`.
+    /// A serving agent in `mode`, without containers (tests of the other areas).
+    #[cfg(test)]
     pub fn new(mode: Mode) -> Arc<Self> {
+        Self::build(mode, None)
+    }
+
+    /// A serving agent in `mode` whose containers are `containers`.
+    pub fn with_containers(mode: Mode, containers: Arc<Containers>) -> Arc<Self> {
+        Self::build(mode, Some(containers))
+    }
+
+    fn build(mode: Mode, containers: Option<Arc<Containers>>) -> Arc<Self> {
         Arc::new(Self {
             mode,
             serving: AtomicBool::new(true),
             stop: watch::channel(false).0,
+            containers,
         })
+    }
+
+    /// The containers.
+    pub fn containers(&self) -> Result<&Containers, AgentError> {
+        self.containers
+            .as_deref()
+            .ok_or_else(|| AgentError::FailedPrecondition("this agent runs no containers".into()))
     }
 
     /// Where the agent runs.
@@ -127,6 +148,159 @@ impl AgentService for Service {
         _req: agent::DestroySandboxRequest,
     ) -> ttrpc::Result<agent::DestroySandboxResponse> {
         reply("DestroySandbox", Ok(sandbox::destroy_sandbox(&self.state)))
+    }
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::CreateContainerRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let result = async { container::create(self.state.containers()?, &req).await }.await;
+        reply("CreateContainer", result)
+    }
+
+    async fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ContainerRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let result = async { container::start(self.state.containers()?, &req).await }.await;
+        reply("StartContainer", result)
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ExecProcessRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let result = async { container::exec(self.state.containers()?, &req).await }.await;
+        reply("ExecProcess", result)
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::SignalProcessRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let result = async { container::signal(self.state.containers()?, &req) }.await;
+        reply("SignalProcess", result)
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ProcessRequest,
+    ) -> ttrpc::Result<agent::WaitProcessResponse> {
+        let result = async { container::wait(self.state.containers()?, &req).await }.await;
+        reply("WaitProcess", result)
+    }
+
+    async fn read_stdout(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ReadStreamRequest,
+    ) -> ttrpc::Result<agent::ReadStreamResponse> {
+        let result = async { container::read(self.state.containers()?, &req, false).await }.await;
+        reply("ReadStdout", result)
+    }
+
+    async fn read_stderr(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ReadStreamRequest,
+    ) -> ttrpc::Result<agent::ReadStreamResponse> {
+        let result = async { container::read(self.state.containers()?, &req, true).await }.await;
+        reply("ReadStderr", result)
+    }
+
+    async fn write_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::WriteStreamRequest,
+    ) -> ttrpc::Result<agent::WriteStreamResponse> {
+        let result = async { container::write(self.state.containers()?, &req).await }.await;
+        reply("WriteStdin", result)
+    }
+
+    async fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ProcessRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let result = async { container::close_stdin(self.state.containers()?, &req).await }.await;
+        reply("CloseStdin", result)
+    }
+
+    async fn tty_win_resize(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::TtyWinResizeRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let result = async { container::resize(self.state.containers()?, &req) }.await;
+        reply("TtyWinResize", result)
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::RemoveContainerRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let result = async { container::remove(self.state.containers()?, &req).await }.await;
+        reply("RemoveContainer", result)
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ContainerRequest,
+    ) -> ttrpc::Result<agent::StatsContainerResponse> {
+        let result = async { container::stats(self.state.containers()?, &req) }.await;
+        reply("StatsContainer", result)
+    }
+
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ContainerRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let result = async { container::pause(self.state.containers()?, &req, true) }.await;
+        reply("PauseContainer", result)
+    }
+
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ContainerRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let result = async { container::pause(self.state.containers()?, &req, false) }.await;
+        reply("ResumeContainer", result)
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::UpdateContainerRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        let result = async { container::update(self.state.containers()?, &req) }.await;
+        reply("UpdateContainer", result)
+    }
+
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::ContainerRequest,
+    ) -> ttrpc::Result<agent::ListProcessesResponse> {
+        let result = async { container::list(self.state.containers()?, &req) }.await;
+        reply("ListProcesses", result)
+    }
+
+    async fn get_oom_event(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: agent::GetOOMEventRequest,
+    ) -> ttrpc::Result<agent::OOMEvent> {
+        let result = async { Ok(container::oom(self.state.containers()?).await) }.await;
+        reply("GetOOMEvent", result)
     }
 }
 
