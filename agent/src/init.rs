@@ -1,5 +1,6 @@
-//! PID-1 duties of the guest agent: mount `/proc`, `/sys` and devtmpfs on `/dev`, load the kernel
-//! modules listed in `/lib/modules/load-order`, then either
+//! PID-1 duties of the guest agent: make the root a mount of its own (see [`root_to_mount`]), mount
+//! `/proc`, `/sys`, devtmpfs on `/dev` and the cgroup v2 hierarchy on `/sys/fs/cgroup`, load the
+//! kernel modules listed in `/lib/modules/load-order`, then either
 //! - one-shot (`hull.oneshot` on the kernel command line: boot tests, the boot benchmark): print
 //!   the readiness marker on the console, sync and power the guest off; or
 //! - serve ([`crate::guest`]): the agent's API on vsock until `DestroySandbox`, then sync, unmount
@@ -31,6 +32,14 @@ pub const ERROR_MARKER: &str = "HULL_GUEST_ERROR";
 /// A fatal failure of init.
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
+    /// The root could not be made a mount of its own.
+    #[error("switch the root to a bind mount of itself: {step}: {errno}")]
+    Root {
+        /// The step that failed.
+        step: &'static str,
+        /// Why.
+        errno: Errno,
+    },
     /// A mount failed.
     #[error("mount {fstype} on {target}: {errno}")]
     Mount {
@@ -80,6 +89,9 @@ pub fn run() -> ! {
 fn boot() -> Result<Cmdline, InitError> {
     let mut log = Log::new();
     let mut cmdline = Cmdline::default();
+    let t = Instant::now();
+    root_to_mount()?;
+    log.step(format_args!("root is a bind mount"), t);
     for (fstype, target, flags, data) in [
         (
             "proc",
@@ -94,6 +106,12 @@ fn boot() -> Result<Cmdline, InitError> {
             None,
         ),
         ("devtmpfs", "/dev", MsFlags::MS_NOSUID, Some("mode=0755")),
+        (
+            "cgroup2",
+            "/sys/fs/cgroup",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None,
+        ),
     ] {
         let t = Instant::now();
         let _ = fs::create_dir(target); // in the image already; EEXIST is the normal case
@@ -122,6 +140,28 @@ fn boot() -> Result<Cmdline, InitError> {
 
     load_modules(&log);
     Ok(cmdline)
+}
+
+/// Makes `/` a mount of its own: a bind mount of the initramfs moved over it, as switch_root
+/// does. The initramfs root (rootfs) has no parent mount, and pivot_root(2) refuses to move it;
+/// every container's pivot_root would fail. A bind mount costs nothing (no copy).
+fn root_to_mount() -> Result<(), InitError> {
+    let err = |step| move |errno| InitError::Root { step, errno };
+    let _ = fs::create_dir("/.root"); // EEXIST after a re-exec: fine
+    mount(
+        Some("/"),
+        "/.root",
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(err("bind / on /.root"))?;
+    nix::unistd::chdir("/.root").map_err(err("chdir /.root"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(err("move /.root to /"))?;
+    nix::unistd::chroot(".").map_err(err("chroot ."))?;
+    nix::unistd::chdir("/").map_err(err("chdir /"))?;
+    Ok(())
 }
 
 /// Loads every module of [`LOAD_ORDER`], in order. Failures are reported and skipped: a missing

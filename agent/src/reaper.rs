@@ -90,11 +90,13 @@ impl Book {
     }
 
     /// How many PIDs are watched.
+    #[cfg(test)]
     pub fn watched(&self) -> usize {
         self.watched.len()
     }
 
     /// How many orphans were reaped so far.
+    #[cfg(test)]
     pub fn orphans(&self) -> u64 {
         self.orphans
     }
@@ -141,6 +143,7 @@ impl Reaper {
     }
 
     /// How many orphans were reaped so far.
+    #[cfg(test)]
     pub fn orphans(&self) -> u64 {
         self.book().orphans()
     }

@@ -26,11 +26,8 @@ impl Drop for Guard {
 
 async fn ctx(name: &str) -> (Ctx, Guard) {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the container tests need root"
-    );
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "the container tests need root");
     let rootfs = fixtures().join("rootfs");
     let dir = TempDir::new("c").unwrap();
     let socket = dir.join("agent.sock");

@@ -40,11 +40,16 @@ pub fn vmm_bin() -> PathBuf {
 /// `hull-vmm` booting `kernel` with the guest image's initramfs, `vcpus` and `memory_mib`; the
 /// caller adds the rest.
 pub fn vmm_command(kernel: &Path, vcpus: u8, memory_mib: u32) -> Command {
+    vmm_command_with(kernel, &guest_image().initramfs, vcpus, memory_mib)
+}
+
+/// [`vmm_command`] with another initramfs.
+pub fn vmm_command_with(kernel: &Path, initrd: &Path, vcpus: u8, memory_mib: u32) -> Command {
     let mut cmd = Command::new(vmm_bin());
     cmd.arg("--kernel")
         .arg(kernel)
         .arg("--initrd")
-        .arg(guest_image().initramfs)
+        .arg(initrd)
         .args(["--vcpus", &vcpus.to_string()])
         .args(["--memory", &memory_mib.to_string()]);
     cmd
@@ -157,10 +162,39 @@ impl RunningVm {
     /// [`RunningVm::start`] in a directory from [`RunningVm::prepare`]; the hybrid-vsock socket is
     /// `dir/vsock.sock`.
     pub fn start_in(dir: PathBuf, vcpus: u8, memory_mib: u32, extra_cmdline: &str) -> Self {
+        Self::start_with(
+            dir,
+            &guest_image().initramfs,
+            vcpus,
+            memory_mib,
+            extra_cmdline,
+        )
+    }
+
+    /// [`RunningVm::start_in`] with another initramfs. The VMM is killed (SIGKILL) if the thread
+    /// that called this ends, so a VM kept for a whole test process never outlives it.
+    pub fn start_with(
+        dir: PathBuf,
+        initrd: &Path,
+        vcpus: u8,
+        memory_mib: u32,
+        extra_cmdline: &str,
+    ) -> Self {
+        use std::os::unix::process::CommandExt as _;
         let img = guest_image();
         let uds = dir.join("vsock.sock");
         let cmdline = format!("console=ttyS0 quiet reboot=k panic=-1 pci=off {extra_cmdline}");
-        let mut child = vmm_command(&img.vmlinux, vcpus, memory_mib)
+        let mut cmd = vmm_command_with(&img.vmlinux, initrd, vcpus, memory_mib);
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of ours.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .args(["--cmdline", &cmdline])
             .arg("--vsock-uds")
             .arg(&uds)

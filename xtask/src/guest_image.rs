@@ -88,3 +88,59 @@ pub fn prepare_release() -> Result<GuestImage> {
     crate::cargo::run(c)?;
     ensure()
 }
+
+/// The guest image's initramfs with the container test fixtures appended (a second newc archive:
+/// the kernel unpacks both): `/fixtures/busybox/{rootfs,config.json}`, built first by
+/// `tests/fixtures/build.sh`. For the guest container suite; returns its path.
+pub fn fixtures_initramfs(image: &GuestImage) -> Result<PathBuf> {
+    let root = crate::cargo::root();
+    let fixtures = root.join("target/fixtures");
+    let status = std::process::Command::new("bash")
+        .arg(root.join("tests/fixtures/build.sh"))
+        .arg(&fixtures)
+        .status()
+        .context("run tests/fixtures/build.sh")?;
+    anyhow::ensure!(
+        status.success(),
+        "tests/fixtures/build.sh failed ({status})"
+    );
+    let out = image.initramfs.with_file_name("initramfs-fixtures.cpio");
+    let mut data = std::fs::read(&image.initramfs)
+        .with_context(|| format!("read {}", image.initramfs.display()))?;
+    let mut w = hull_guest_image::cpio::Writer::new(Vec::new());
+    w.dir("fixtures", 0o755)?;
+    add_tree(&mut w, &fixtures.join("busybox"), "fixtures/busybox")?;
+    data.extend_from_slice(&w.finish()?);
+    let tmp = out.with_extension("tmp");
+    std::fs::write(&tmp, &data)?;
+    std::fs::rename(&tmp, &out)?;
+    Ok(out)
+}
+
+/// Adds `src` (a directory) as `dest` and everything under it but `oci*` (the image layout is
+/// not needed in the guest), in name order.
+fn add_tree(w: &mut hull_guest_image::cpio::Writer<Vec<u8>>, src: &Path, dest: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::symlink_metadata(src)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if meta.file_type().is_symlink() {
+        let target = std::fs::read_link(src)?;
+        w.symlink(dest, &target.to_string_lossy())?;
+    } else if meta.is_dir() {
+        w.dir(dest, mode)?;
+        let mut names: Vec<_> = std::fs::read_dir(src)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        for name in names {
+            let name = name.to_string_lossy().into_owned();
+            if name.starts_with("oci") {
+                continue;
+            }
+            add_tree(w, &src.join(&name), &format!("{dest}/{name}"))?;
+        }
+    } else if meta.is_file() {
+        w.file(dest, mode, &std::fs::read(src)?)?;
+    }
+    Ok(())
+}

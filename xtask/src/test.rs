@@ -67,12 +67,18 @@ pub fn run(args: Args) -> Result<()> {
         if suites.is_empty() {
             bail!("no guest suites found in hull-tests");
         }
-        guest_image::ensure()?;
+        let image = guest_image::ensure()?;
+        let fixtures_initrd = guest_image::fixtures_initramfs(&image)?;
         let logs = root.join("target/test-logs");
         std::fs::create_dir_all(&logs)?;
         let mut script = String::from("st=0\n");
         let vmm = root.join("target/debug/hull-vmm");
         writeln!(script, "export HULL_VMM='{}'", vmm.display())?;
+        writeln!(
+            script,
+            "export HULL_FIXTURES_INITRD='{}'",
+            fixtures_initrd.display()
+        )?;
         // One test at a time: L1 has two vCPUs, and oversubscribing them with L2 vCPUs makes nested
         // SVM under TCG lock up L1's kernel (seen with QEMU as the inner VMM too). Each test boots
         // in ~2 s, so little is lost.

@@ -103,17 +103,30 @@ impl Cgroup {
             })
             .map_err(|e| format!("cgroup {} update: {e}", self.path.display()))
     }
+}
 
-    /// Freezes or thaws every process.
-    pub fn freeze(&self, frozen: bool) -> Result<(), String> {
-        let state = if frozen {
-            FreezerState::Frozen
-        } else {
-            FreezerState::Thawed
-        };
-        self.manager()?
-            .freeze(state)
-            .map_err(|e| format!("cgroup {} freezer: {e}", self.path.display()))
+impl Cgroup {
+    /// Sends `signal` to every process at once: frozen while it is sent (as runc does), so none
+    /// can fork or be torn down by another's exit in between; `frozen` says whether the cgroup is
+    /// paused (then left so).
+    pub fn signal_all(&self, signal: nix::sys::signal::Signal, frozen: bool) -> Result<(), String> {
+        let m = self.manager()?;
+        if !frozen {
+            m.freeze(FreezerState::Frozen)
+                .map_err(|e| format!("cgroup {} freeze: {e}", self.path.display()))?;
+        }
+        let pids = m.get_all_pids();
+        if let Ok(pids) = &pids {
+            for pid in pids {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid.as_raw()), signal);
+            }
+        }
+        if !frozen {
+            m.freeze(FreezerState::Thawed)
+                .map_err(|e| format!("cgroup {} thaw: {e}", self.path.display()))?;
+        }
+        pids.map(drop)
+            .map_err(|e| format!("cgroup {} processes: {e}", self.path.display()))
     }
 }
 

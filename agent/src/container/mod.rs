@@ -492,11 +492,11 @@ impl Containers {
             })?;
         if all {
             let c = self.get(id)?;
-            let pids = c.cgroup.pids().map_err(internal)?;
-            for pid in pids {
-                let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
-            }
-            return Ok(());
+            let paused = matches!(
+                self.load(id).map(|l| l.status()),
+                Ok(ContainerStatus::Paused)
+            );
+            return c.cgroup.signal_all(sig, paused).map_err(internal);
         }
         let (_, p) = self.process(id, exec_id)?;
         if p.exited().is_some() {

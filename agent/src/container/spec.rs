@@ -127,7 +127,7 @@ mod tests {
         let dir = std::env::temp_dir();
         let base = serde_json::json!({
             "ociVersion": "1.0.2",
-            "process": {"args": ["/bin/true"], "cwd": "/"},
+            "process": {"args": ["/bin/true"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
             "root": {"path": "rootfs"},
             "linux": {}
         });

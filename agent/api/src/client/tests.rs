@@ -438,10 +438,27 @@ fn the_generated_service_has_our_name() {
         methods.into_iter().collect::<Vec<_>>(),
         [
             "Check",
+            "CloseStdin",
+            "CreateContainer",
             "DestroySandbox",
+            "ExecProcess",
             "GetGuestDetails",
+            "GetOOMEvent",
+            "ListProcesses",
+            "PauseContainer",
+            "ReadStderr",
+            "ReadStdout",
+            "RemoveContainer",
+            "ResumeContainer",
             "SetGuestTime",
-            "Version"
+            "SignalProcess",
+            "StartContainer",
+            "StatsContainer",
+            "TtyWinResize",
+            "UpdateContainer",
+            "Version",
+            "WaitProcess",
+            "WriteStdin"
         ]
     );
 }

@@ -1,0 +1,68 @@
+//! The container suite (`hull_tests::containers`) against the agent inside a guest: one VM for the
+//! whole suite (booted by the first case, killed when this process ends), whose initramfs carries
+//! the busybox fixtures at `/fixtures/busybox` (`$HULL_FIXTURES_INITRD`, made by `cargo xtask
+//! test`). Each case connects its own client through hybrid vsock.
+#![allow(clippy::tests_outside_test_module)] // an integration-test crate is all test code
+
+use std::path::PathBuf;
+use std::sync::{mpsc, OnceLock};
+use std::time::{Duration, Instant};
+
+use hull_agent_api::client::{connect_watching, process_alive, Target};
+use hull_tests::containers::{template, Ctx};
+use hull_tests::RunningVm;
+
+const BOOT_LIMIT: Duration = Duration::from_secs(180);
+
+/// The shared VM: its hybrid-vsock socket and its VMM's PID.
+fn vm() -> &'static (PathBuf, u32) {
+    static VM: OnceLock<(PathBuf, u32)> = OnceLock::new();
+    VM.get_or_init(|| {
+        let initrd = std::env::var_os("HULL_FIXTURES_INITRD")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                hull_tests::workspace_root().join("target/guest/initramfs-fixtures.cpio")
+            });
+        assert!(
+            initrd.exists(),
+            "{} is missing: cargo xtask test makes it",
+            initrd.display()
+        );
+        let (tx, rx) = mpsc::channel();
+        // The VM's parent thread lives as long as the process (the VMM dies with it).
+        std::thread::spawn(move || {
+            let dir = RunningVm::prepare("containers");
+            let vm = RunningVm::start_with(dir, &initrd, 1, 768, "");
+            tx.send((vm.uds.clone(), vm.pid())).expect("send");
+            loop {
+                std::thread::park();
+            }
+        });
+        rx.recv().expect("the VM thread")
+    })
+}
+
+/// Nothing to clean up per case: the VM goes with the process.
+struct Guard;
+
+async fn ctx(name: &str) -> (Ctx, Guard) {
+    let (uds, pid) = vm().clone();
+    let target = Target::HybridVsock {
+        uds,
+        port: hull_agent_api::DEFAULT_AGENT_PORT,
+    };
+    let client = connect_watching(&target, Instant::now() + BOOT_LIMIT, process_alive(pid))
+        .await
+        .expect("the guest agent answers");
+    let ctx = Ctx {
+        client: client.raw().clone(),
+        rootfs: PathBuf::from("/fixtures/busybox/rootfs"),
+        template: template(),
+        agent_pid: 1,
+        cgroup_parent: "/hull".into(),
+        prefix: name.chars().take(12).collect::<String>().replace('_', "-"),
+    };
+    (ctx, Guard)
+}
+
+hull_tests::all_container_cases!();
