@@ -47,12 +47,10 @@ async fn ctx(name: &str) -> (Ctx, Guard) {
         .unwrap();
     let agent_pid = child.id() as i32;
     let guard = Guard { child, _dir: dir };
-    let client = connect(
-        &Target::Unix(socket),
-        Instant::now() + Duration::from_secs(10),
-    )
-    .await
-    .expect("host-mode agent answers");
+    let target = Target::Unix(socket);
+    let client = connect(&target, Instant::now() + Duration::from_secs(10))
+        .await
+        .expect("host-mode agent answers");
     let ctx = Ctx {
         client: client.raw().clone(),
         rootfs,
@@ -60,6 +58,7 @@ async fn ctx(name: &str) -> (Ctx, Guard) {
         agent_pid,
         cgroup_parent,
         prefix: name.chars().take(12).collect::<String>().replace('_', "-"),
+        target,
     };
     (ctx, guard)
 }

@@ -61,6 +61,7 @@ async fn ctx(name: &str) -> (Ctx, Guard) {
         agent_pid: 1,
         cgroup_parent: "/hull".into(),
         prefix: name.chars().take(12).collect::<String>().replace('_', "-"),
+        target,
     };
     (ctx, Guard)
 }

@@ -33,6 +33,8 @@ pub struct Ctx {
     pub cgroup_parent: String,
     /// A prefix for container ids (unique per agent user).
     pub prefix: String,
+    /// Where the agent is (for a second connection).
+    pub target: hull_agent_api::client::Target,
 }
 
 fn ctx_rpc() -> ttrpc::context::Context {
@@ -248,6 +250,16 @@ impl Ctx {
         } else {
             self.client.resume_container(ctx_rpc(), &r).await.map(drop)
         }
+    }
+
+    /// A new connection to the same agent.
+    pub async fn reconnect(&self) -> AgentServiceClient {
+        let deadline = Instant::now() + RPC_TIMEOUT;
+        hull_agent_api::client::connect(&self.target, deadline)
+            .await
+            .expect("reconnect to the agent")
+            .raw()
+            .clone()
     }
 
     /// Creates, starts, feeds `stdin` (then closes it), reads both streams to their ends, waits
@@ -714,6 +726,147 @@ pub mod cases {
         assert_eq!(code(&e), ttrpc::Code::NOT_FOUND);
     }
 
+    /// The rest of the spec: masked and read-only paths, the standard mounts and device nodes,
+    /// sysctl, seccomp, the OOM score.
+    pub async fn spec_details(ctx: Ctx) {
+        let id = unique(&ctx, "spec");
+        let mut s = ctx.spec(&[
+            "sh",
+            "-c",
+            "for p in /proc/kcore /proc/keys /proc/timer_list; do \
+               [ -e $p ] && { wc -c < $p; break; }; done; \
+             echo 1 > /proc/sys/kernel/domainname 2>/dev/null || echo ro-sys; \
+             for m in /dev/pts /dev/shm /dev/mqueue /proc /sys; do \
+               grep -q \" $m \" /proc/mounts && echo mount:$m; done; \
+             for d in null zero full random urandom tty ptmx; do [ -e /dev/$d ] && echo dev:$d; done; \
+             cat /proc/sys/net/ipv4/ip_forward; cat /proc/self/oom_score_adj; \
+             mkdir /tmp/forbidden 2>&1 || echo seccomp-denied",
+        ]);
+        s["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1"});
+        s["process"]["oomScoreAdj"] = json!(345);
+        s["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+        });
+        let out = ctx.run(&id, &s, None).await.unwrap();
+        assert_eq!(out.status, 0, "{}", out.err());
+        let text = out.out();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "0", "masked paths read empty: {text}");
+        assert_eq!(lines[1], "ro-sys", "{text}");
+        for m in ["/dev/pts", "/dev/shm", "/dev/mqueue", "/proc", "/sys"] {
+            assert!(
+                text.contains(&format!("mount:{m}\n")),
+                "{m} missing: {text}"
+            );
+        }
+        for d in ["null", "zero", "full", "random", "urandom", "tty", "ptmx"] {
+            assert!(
+                text.contains(&format!("dev:{d}\n")),
+                "/dev/{d} missing: {text}"
+            );
+        }
+        assert!(text.contains("\n1\n345\n"), "sysctl, OOM score: {text}");
+        assert!(
+            text.contains("Operation not permitted") && text.ends_with("seccomp-denied\n"),
+            "seccomp: {text}"
+        );
+    }
+
+    /// CPU and memory limits land in the cgroup; UpdateContainer changes them.
+    pub async fn cgroup_limits_and_update(ctx: Ctx) {
+        let id = unique(&ctx, "limits");
+        let mut s = ctx.spec(&["sleep", "1000"]);
+        s["linux"]["resources"] = json!({
+            "memory": {"limit": 64 << 20},
+            "cpu": {"quota": 50000, "period": 100000, "shares": 512},
+            "pids": {"limit": 10}
+        });
+        ctx.create(&id, &s, false).await.unwrap();
+        ctx.start(&id).await.unwrap();
+        let cg = format!("{}/{id}", ctx.cgroup_parent.trim_start_matches('/'));
+        let look = format!(
+            "cd /sys/fs/cgroup; \
+             if [ -e cgroup.controllers ]; then cat {cg}/cpu.max {cg}/cpu.weight {cg}/memory.max; \
+             else cat cpu/{cg}/cpu.cfs_quota_us cpu/{cg}/cpu.shares memory/{cg}/memory.limit_in_bytes; fi"
+        );
+        let before = ctx.probe(&look).await;
+        let v2 = before.starts_with("50000 100000");
+        if v2 {
+            // shares 512 → weight 1 + ((512 - 2) * 9999) / 262142 = 20
+            assert_eq!(before, "50000 100000\n20\n67108864\n");
+        } else {
+            assert_eq!(before, "50000\n512\n67108864\n");
+        }
+        assert_eq!(ctx.stats(&id).await.unwrap().memory.limit_bytes, 64 << 20);
+
+        let mut r = agent::UpdateContainerRequest::new();
+        r.container_id = id.clone();
+        r.resources_json =
+            json!({"memory": {"limit": 96 << 20}, "cpu": {"quota": 20000, "period": 100000}})
+                .to_string();
+        ctx.client.update_container(ctx_rpc(), &r).await.unwrap();
+        let after = ctx.probe(&look).await;
+        let want_mem = "100663296";
+        assert!(after.ends_with(&format!("{want_mem}\n")), "{after}");
+        assert!(after.starts_with("20000"), "{after}");
+        assert_eq!(ctx.stats(&id).await.unwrap().memory.limit_bytes, 96 << 20);
+
+        r.resources_json = "{\"memory\": 5}".into();
+        let e = ctx
+            .client
+            .update_container(ctx_rpc(), &r)
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), ttrpc::Code::INVALID_ARGUMENT, "{e:?}");
+        ctx.remove(&id, true).await.unwrap();
+    }
+
+    /// WaitProcess answers on a new connection after the first one dropped mid-wait, and again
+    /// after the process ended; output not read yet is still there for the new connection.
+    pub async fn wait_survives_reconnect(ctx: Ctx) {
+        let id = unique(&ctx, "rewait");
+        ctx.create(
+            &id,
+            &ctx.spec(&["sh", "-c", "read x; echo bye; exit 5"]),
+            true,
+        )
+        .await
+        .unwrap();
+        ctx.start(&id).await.unwrap();
+        // A waiter on its own connection, dropped while the process runs.
+        let first = ctx.reconnect().await;
+        let mut req = agent::ProcessRequest::new();
+        req.container_id = id.clone();
+        let waiter = {
+            let (first, req) = (first.clone(), req.clone());
+            tokio::spawn(async move { first.wait_process(ctx_rpc(), &req).await })
+        };
+        waiter.abort();
+        drop(first);
+        let second = ctx.reconnect().await;
+        let mut w = agent::WriteStreamRequest::new();
+        w.container_id = id.clone();
+        w.data = b"go\n".to_vec();
+        second.write_stdin(ctx_rpc(), &w).await.unwrap();
+        assert_eq!(
+            second.wait_process(ctx_rpc(), &req).await.unwrap().status,
+            5
+        );
+        drop(second);
+        let third = ctx.reconnect().await;
+        assert_eq!(third.wait_process(ctx_rpc(), &req).await.unwrap().status, 5);
+        let mut rd = agent::ReadStreamRequest::new();
+        rd.container_id = id.clone();
+        rd.len = 64;
+        assert_eq!(
+            third.read_stdout(ctx_rpc(), &rd).await.unwrap().data,
+            b"bye\n"
+        );
+        ctx.remove(&id, false).await.unwrap();
+    }
+
     /// Bad input gets a clear error and the agent keeps serving.
     pub async fn bad_input(ctx: Ctx) {
         let id = unique(&ctx, "bad");
@@ -824,6 +977,9 @@ macro_rules! all_container_cases {
             pause_resume_and_stats,
             fifty_concurrent,
             nothing_left_after_remove,
+            spec_details,
+            cgroup_limits_and_update,
+            wait_survives_reconnect,
             bad_input,
         );
     };
