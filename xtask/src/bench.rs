@@ -5,6 +5,9 @@
 //! Timing of one run: from just before the VMM process is spawned to the moment the guest's
 //! `HULL_GUEST_READY` line is read from its console, and to the VMM's exit (the guest powers off
 //! right after the marker). Peak RSS comes from `wait4`.
+//!
+//! `cargo xtask bench vsock` is in `bench_vsock`; `cargo xtask bench agent` (containers through the
+//! host-mode agent beside runc, on this host, no harness) is in `bench_agent`.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -35,9 +38,12 @@ pub struct Args {
     /// What to measure.
     #[arg(value_enum)]
     pub what: Bench,
-    /// Runs per VMM.
-    #[arg(long, default_value_t = 10)]
-    pub runs: usize,
+    /// Runs of each side [default: 10; agent: 50].
+    #[arg(long)]
+    pub runs: Option<usize>,
+    /// More detail (agent: per-run and per-phase times of the agent's RPCs).
+    #[arg(long)]
+    pub verbose: bool,
     /// Kernel image to boot.
     #[arg(long, value_enum, default_value_t = KernelKind::Elf)]
     pub kernel: KernelKind,
@@ -56,6 +62,8 @@ pub enum Bench {
     Boot,
     /// Host → guest → host throughput through hybrid vsock, beside loopback TCP.
     Vsock,
+    /// Life of a `true` container through the host-mode agent, beside `runc run` (on this host).
+    Agent,
 }
 
 /// Arguments of the part that runs where KVM boots guests (inside L1).
@@ -101,6 +109,9 @@ impl InnerArgs {
 
 /// Builds what the benchmark needs and runs its inner part where guests boot.
 pub fn run(args: Args) -> Result<()> {
+    if args.what == Bench::Agent {
+        return crate::bench_agent::run(args.runs.unwrap_or(50), args.verbose);
+    }
     let img = guest_image::prepare_release()?;
     let kernel = match args.kernel {
         KernelKind::Elf => img.vmlinux,
@@ -115,10 +126,11 @@ pub fn run(args: Args) -> Result<()> {
         match args.what {
             Bench::Boot => "boot",
             Bench::Vsock => "vsock",
+            Bench::Agent => unreachable!("bench agent runs on the host"),
         }
         .into(),
         "--runs".into(),
-        args.runs.to_string(),
+        args.runs.unwrap_or(10).to_string(),
         "--vmm".into(),
         vmm.display().to_string(),
         "--kernel".into(),
@@ -202,7 +214,7 @@ fn boot_once(mut cmd: Command) -> Result<Sample> {
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     if n % 2 == 1 {
@@ -245,6 +257,7 @@ pub fn inner(a: InnerArgs) -> Result<()> {
     match a.what {
         Bench::Boot => inner_boot(a),
         Bench::Vsock => crate::bench_vsock::inner(&a),
+        Bench::Agent => bail!("bench agent runs on the host, not inside the harness"),
     }
 }
 

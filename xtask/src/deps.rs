@@ -15,6 +15,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "util-linux",      // setpriv, used by the guest tests
     "libseccomp-dev",  // the agent's seccomp support (later issues)
     "libcap-ng-dev",   // virtiofsd (later issues)
+    "runc",            // the agent benchmark's peer (cargo xtask bench agent)
 ];
 
 fn installed(pkg: &str) -> bool {

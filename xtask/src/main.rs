@@ -3,6 +3,7 @@
 
 mod agent_vm;
 mod bench;
+mod bench_agent;
 mod bench_vsock;
 mod cargo;
 mod deps;
