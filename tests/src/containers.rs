@@ -387,9 +387,17 @@ pub mod cases {
             .await
             .unwrap_err();
         assert!(message(&e).contains("no-such-binary"), "{e:?}");
-        // Nothing left of it: the id is free again.
+        // Nothing left of it: the id is free again, no cgroup, no process.
         let e = ctx.start(&id).await.unwrap_err();
         assert_eq!(code(&e), ttrpc::Code::NOT_FOUND);
+        let cg = format!("{}/{id}", ctx.cgroup_parent.trim_start_matches('/'));
+        let left = ctx
+            .probe(&format!(
+                "for d in /sys/fs/cgroup/{cg} /sys/fs/cgroup/*/{cg}; do [ -d $d ] && echo $d; done; \
+                 grep -l no-such-binary /proc/[0-9]*/cmdline 2>/dev/null; true"
+            ))
+            .await;
+        assert_eq!(left, "", "left by a failed create");
     }
 
     /// SIGTERM and SIGKILL to one process and to all. (A PID namespace's init gets only the
