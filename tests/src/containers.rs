@@ -394,7 +394,7 @@ pub mod cases {
         let left = ctx
             .probe(&format!(
                 "for d in /sys/fs/cgroup/{cg} /sys/fs/cgroup/*/{cg}; do [ -d $d ] && echo $d; done; \
-                 grep -l no-such-binary /proc/[0-9]*/cmdline 2>/dev/null; true"
+                 grep -l no-such-bin[a]ry /proc/[0-9]*/cmdline 2>/dev/null; true"
             ))
             .await;
         assert_eq!(left, "", "left by a failed create");
