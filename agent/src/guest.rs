@@ -7,7 +7,6 @@
 //! is written, the server closes, and the caller ([`crate::init::run`]) syncs, unmounts and powers
 //! off.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
@@ -50,13 +49,7 @@ async fn serve(cmdline: &Cmdline) -> Result<(), ServeError> {
         source,
     })?;
     let cfg = container::guest_config();
-    let state_dir = cfg.state_dir.clone();
-    let containers = Arc::new(container::Containers::new(cfg, reaper).map_err(|source| {
-        ServeError::Containers {
-            what: format!("state directory {}", state_dir.display()),
-            source,
-        }
-    })?);
+    let containers = container::Containers::new(cfg, reaper)?;
 
     let (listener, addr) = bind(cmdline.port)?;
     let state = State::with_containers(Mode::Guest, containers);

@@ -12,8 +12,6 @@ use std::process::ExitCode;
 use tokio::net::UnixListener;
 use tokio::signal::unix::SignalKind;
 
-use std::sync::Arc;
-
 use crate::container;
 use crate::error::ServeError;
 use crate::reaper::Reaper;
@@ -196,12 +194,7 @@ async fn serve(
     })?;
     let state_dir = cfg.state_dir.clone();
     let cgroup_parent = cfg.cgroup_parent.clone();
-    let containers = Arc::new(container::Containers::new(cfg, reaper).map_err(|source| {
-        ServeError::Containers {
-            what: format!("state directory {}", state_dir.display()),
-            source,
-        }
-    })?);
+    let containers = container::Containers::new(cfg, reaper)?;
 
     let (listener, addr) = bind(listen)?;
     let state = State::with_containers(Mode::Host, containers.clone());

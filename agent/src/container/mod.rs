@@ -129,16 +129,22 @@ struct NewStdio {
 
 impl Containers {
     /// An empty registry; makes the state directories.
-    pub fn new(cfg: Config, reaper: Reaper) -> io::Result<Self> {
+    pub fn new(cfg: Config, reaper: Reaper) -> Result<Arc<Self>, crate::error::ServeError> {
         for d in ["containers", "bundles", "consoles"] {
-            std::fs::create_dir_all(cfg.state_dir.join(d))?;
+            let dir = cfg.state_dir.join(d);
+            std::fs::create_dir_all(&dir).map_err(|source| {
+                crate::error::ServeError::Containers {
+                    what: format!("state directory {}", dir.display()),
+                    source,
+                }
+            })?;
         }
-        Ok(Self {
+        Ok(Arc::new(Self {
             cfg,
             reaper,
             map: Mutex::new(HashMap::new()),
             oom: Arc::new(OomQueue::default()),
-        })
+        }))
     }
 
     fn root(&self) -> PathBuf {
