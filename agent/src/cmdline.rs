@@ -8,6 +8,7 @@
 //! | `agent.log_port=N` | also send the logs to the host: a vsock stream to CID 2, port N | none |
 //! | `agent.echo_port=N` | an echo service on vsock port N (host throughput tests) | none |
 //! | `agent.hostname=NAME` | the guest's hostname | `hull` |
+//! | `agent.shared_fs=TAG` | mount the virtio-fs TAG on `/run/hull/shared` before serving | none |
 //!
 //! Flags are on when bare or `=1|y|yes|on|true`, off with any other value. The last occurrence of a
 //! key wins. A bad value keeps the default and is reported (see [`Cmdline::warnings`]): the
@@ -37,6 +38,8 @@ pub struct Cmdline {
     pub echo_port: Option<u32>,
     /// `agent.hostname=`.
     pub hostname: String,
+    /// `agent.shared_fs=`: the virtio-fs tag of the sandbox's shared directory.
+    pub shared_fs: Option<String>,
     /// Ignored values, one line each, e.g. `agent.port=x: not a port (1..=4294967295)`.
     pub warnings: Vec<String>,
 }
@@ -50,6 +53,7 @@ impl Default for Cmdline {
             log_port: None,
             echo_port: None,
             hostname: DEFAULT_HOSTNAME.to_owned(),
+            shared_fs: None,
             warnings: Vec::new(),
         }
     }
@@ -87,6 +91,12 @@ impl Cmdline {
                     None => c.warnings.push(format!(
                         "{word}: not a hostname (1 to 64 of a-z A-Z 0-9 - .); using {:?}",
                         c.hostname
+                    )),
+                },
+                "agent.shared_fs" => match value.filter(|v| (1..=36).contains(&v.len())) {
+                    Some(tag) => c.shared_fs = Some(tag.to_owned()),
+                    None => c.warnings.push(format!(
+                        "{word}: not a virtio-fs tag (1 to 36 bytes); no shared directory"
                     )),
                 },
                 _ => {}

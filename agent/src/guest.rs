@@ -33,6 +33,17 @@ pub fn run(cmdline: &Cmdline) -> Result<(), ServeError> {
         format_args!("hostname {:?}, lo up", cmdline.hostname),
         t,
     );
+    if let Some(tag) = &cmdline.shared_fs {
+        let t = Instant::now();
+        match container::mount_shared(tag) {
+            Ok(()) => step(
+                cmdline.debug,
+                format_args!("virtio-fs {tag} on {}", container::SHARED_DIR),
+                t,
+            ),
+            Err(e) => say(&format!("hull-agent: {e}")),
+        }
+    }
 
     let runtime = crate::runtime()?;
     runtime.block_on(serve(cmdline))?;

@@ -15,8 +15,9 @@ use hull_agent_api::agent_ttrpc::AgentServiceClient;
 use hull_agent_api::ttrpc;
 use serde_json::{json, Value};
 
-/// How long one RPC may take (a container create in the harness takes seconds).
-pub const RPC_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one RPC may take: it only bounds a hung call (a read waits for output, and 256 MiB
+/// through virtio-fs takes minutes in the harness).
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What a case needs.
 #[derive(Clone)]

@@ -180,6 +180,18 @@ impl RunningVm {
         memory_mib: u32,
         extra_cmdline: &str,
     ) -> Self {
+        Self::start_full(dir, initrd, vcpus, memory_mib, extra_cmdline, &[])
+    }
+
+    /// [`RunningVm::start_with`] with more `hull-vmm` arguments (devices).
+    pub fn start_full(
+        dir: PathBuf,
+        initrd: &Path,
+        vcpus: u8,
+        memory_mib: u32,
+        extra_cmdline: &str,
+        vmm_args: &[String],
+    ) -> Self {
         use std::os::unix::process::CommandExt as _;
         let img = guest_image();
         let uds = dir.join("vsock.sock");
@@ -195,6 +207,7 @@ impl RunningVm {
             });
         }
         let mut child = cmd
+            .args(vmm_args)
             .args(["--cmdline", &cmdline])
             .arg("--vsock-uds")
             .arg(&uds)

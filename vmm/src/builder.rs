@@ -72,6 +72,12 @@ pub enum BuildError {
     /// The vsock device.
     #[error("vsock device: {0}")]
     Vsock(String),
+    /// The virtio-fs device.
+    #[error(transparent)]
+    Fs(#[from] crate::devices::virtio::fs::FsError),
+    /// A virtio-blk drive.
+    #[error(transparent)]
+    Block(#[from] crate::devices::virtio::block::BlockError),
     /// The kick signal handler.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(std::io::Error),
@@ -203,6 +209,20 @@ pub fn build_microvm(config: &VmConfig) -> Result<Vmm, BuildError> {
     if let Some(v) = &config.vsock {
         add_vsock(v, &vm, &mut mmio_bus, &mem, &mut devices, &mut io_loop)?;
     }
+    for d in &config.drives {
+        add_block(d, &vm, &mut mmio_bus, &mem, &mut devices, &mut io_loop)?;
+    }
+    if let Some(f) = &config.fs {
+        add_fs(
+            f,
+            &vm,
+            &mut mmio_bus,
+            &mem,
+            &mut devices,
+            &mut io_loop,
+            &exit,
+        )?;
+    }
     let mmio_bus = Arc::new(mmio_bus);
     let mut dsdt: Vec<&dyn acpi::DsdtEntry> = vec![&Com1];
     dsdt.extend(devices.slots().iter().map(|s| s as &dyn acpi::DsdtEntry));
@@ -254,6 +274,24 @@ pub fn build_microvm(config: &VmConfig) -> Result<Vmm, BuildError> {
     Ok(vmm)
 }
 
+/// Connects the virtio-fs device to its backend, places it on virtio-mmio and watches the backend
+/// from the event loop.
+fn add_fs(
+    f: &crate::config::FsConfig,
+    vm: &kvm_ioctls::VmFd,
+    bus: &mut Bus,
+    mem: &vm_memory::GuestMemoryMmap,
+    devices: &mut MmioDeviceManager,
+    events: &mut EventLoopBuilder,
+    exit: &ExitNotifier,
+) -> Result<(), BuildError> {
+    use crate::devices::virtio::fs::VhostUserFs;
+    let fs = VhostUserFs::connect(&f.tag, &f.socket)?;
+    events.add(Arc::new(Mutex::new(fs.watch(exit.clone()))));
+    devices.add_virtio(vm, bus, mem, Arc::new(Mutex::new(fs)))?;
+    Ok(())
+}
+
 /// Creates the virtio-vsock device, places it on virtio-mmio and subscribes it to the event loop.
 fn add_vsock(
     v: &crate::config::VsockConfig,
@@ -269,5 +307,23 @@ fn add_vsock(
     let vsock = Arc::new(Mutex::new(vsock));
     devices.add_virtio(vm, bus, mem, vsock.clone())?;
     events.add(vsock);
+    Ok(())
+}
+
+/// Opens a drive as a virtio-blk device, places it on virtio-mmio and subscribes it to the event
+/// loop.
+fn add_block(
+    d: &crate::config::DriveConfig,
+    vm: &kvm_ioctls::VmFd,
+    bus: &mut Bus,
+    mem: &vm_memory::GuestMemoryMmap,
+    devices: &mut MmioDeviceManager,
+    events: &mut EventLoopBuilder,
+) -> Result<(), BuildError> {
+    use crate::devices::virtio::block::Block;
+    let serial = d.serial.as_deref().unwrap_or_default().as_bytes();
+    let block = Arc::new(Mutex::new(Block::new(&d.path, d.read_only, serial)?));
+    devices.add_virtio(vm, bus, mem, block.clone())?;
+    events.add(block);
     Ok(())
 }

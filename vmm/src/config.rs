@@ -50,6 +50,78 @@ pub struct VsockConfig {
     pub uds: PathBuf,
 }
 
+/// The guest's virtio-fs device: its tag, and the vhost-user socket of its backend (virtiofsd,
+/// started by the caller). From `tag=TAG,socket=PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsConfig {
+    /// What the guest mounts (`mount -t virtiofs TAG …`).
+    pub tag: String,
+    /// virtiofsd's `--socket-path`.
+    pub socket: PathBuf,
+}
+
+impl std::str::FromStr for FsConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (mut tag, mut socket) = (None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tag", v)) => tag = Some(v.to_owned()),
+                Some(("socket", v)) => socket = Some(PathBuf::from(v)),
+                _ => return Err(format!("{part:?}: want tag=TAG,socket=PATH")),
+            }
+        }
+        match (tag, socket) {
+            (Some(tag), Some(socket)) => Ok(Self { tag, socket }),
+            _ => Err(format!("{s:?}: want tag=TAG,socket=PATH")),
+        }
+    }
+}
+
+/// Longest drive serial: the 20 bytes of the virtio-blk device ID.
+pub const MAX_SERIAL_LEN: usize = 20;
+
+const DRIVE_SYNTAX: &str = "expected path=PATH[,ro][,serial=ID]";
+
+/// A virtio-blk drive: a raw disk image or a host block device. From
+/// `path=PATH[,ro][,serial=ID]` (a path with a comma cannot be given).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveConfig {
+    /// The image file (a whole number of 512-byte sectors) or block device.
+    pub path: PathBuf,
+    /// Open it read-only and tell the guest so (`VIRTIO_BLK_F_RO`).
+    pub read_only: bool,
+    /// The disk's serial as the guest reads it (`/sys/block/vdX/serial`): at most
+    /// [`MAX_SERIAL_LEN`] printable ASCII characters.
+    pub serial: Option<String>,
+}
+
+impl std::str::FromStr for DriveConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: String| format!("invalid drive '{s}': {why} ({DRIVE_SYNTAX})");
+        let (mut path, mut read_only, mut serial) = (None, false, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("path", "")) => return Err(bad("empty path".into())),
+                Some(("path", v)) if path.is_none() => path = Some(PathBuf::from(v)),
+                Some(("serial", v)) if serial.is_none() => serial = Some(v.to_owned()),
+                Some((k @ ("path" | "serial"), _)) => return Err(bad(format!("{k} given twice"))),
+                None if part == "ro" => read_only = true,
+                _ => return Err(bad(format!("unknown option '{part}'"))),
+            }
+        }
+        let path = path.ok_or_else(|| bad("no path".into()))?;
+        Ok(Self {
+            path,
+            read_only,
+            serial,
+        })
+    }
+}
+
 /// Everything needed to build and boot one microVM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -73,6 +145,10 @@ pub struct VmConfig {
     pub sysfs_module: PathBuf,
     /// The vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// The virtio-fs device, if any.
+    pub fs: Option<FsConfig>,
+    /// virtio-blk drives, in order (the guest's vda, vdb, …).
+    pub drives: Vec<DriveConfig>,
 }
 
 impl Default for VmConfig {
@@ -88,6 +164,8 @@ impl Default for VmConfig {
             kvm_path: PathBuf::from("/dev/kvm"),
             sysfs_module: PathBuf::from("/sys/module"),
             vsock: None,
+            fs: None,
+            drives: Vec::new(),
         }
     }
 }
@@ -110,6 +188,12 @@ pub enum ConfigError {
     /// Memory beyond what this VMM lays out.
     #[error("too much memory: {0} MiB; at most {max} MiB", max = crate::arch::layout::MAX_MEMORY_MIB)]
     TooMuchMemory(u32),
+    /// A drive's image does not exist.
+    #[error("drive {0} does not exist")]
+    DriveMissing(PathBuf),
+    /// A drive serial too long or not printable ASCII.
+    #[error("invalid drive serial {0:?}: at most {MAX_SERIAL_LEN} printable ASCII characters")]
+    DriveSerial(String),
 }
 
 impl VmConfig {
@@ -131,6 +215,17 @@ impl VmConfig {
             let dir = v.uds.parent().filter(|p| !p.as_os_str().is_empty());
             if dir.is_some_and(|d| !d.is_dir()) {
                 return Err(ConfigError::VsockDir(v.uds.clone()));
+            }
+        }
+        for d in &self.drives {
+            if !d.path.exists() {
+                return Err(ConfigError::DriveMissing(d.path.clone()));
+            }
+            if let Some(s) = &d.serial {
+                let printable = s.bytes().all(|b| b == b' ' || b.is_ascii_graphic());
+                if s.len() > MAX_SERIAL_LEN || !printable {
+                    return Err(ConfigError::DriveSerial(s.clone()));
+                }
             }
         }
         Ok(())
@@ -193,5 +288,65 @@ mod tests {
             vsock(3, "/nonexistent/dir/v.sock").validate(),
             Err(ConfigError::VsockDir("/nonexistent/dir/v.sock".into()))
         );
+    }
+
+    #[test]
+    fn drives_parse() {
+        let d = |path: &str, read_only, serial: Option<&str>| DriveConfig {
+            path: path.into(),
+            read_only,
+            serial: serial.map(str::to_owned),
+        };
+        assert_eq!("path=/d.img".parse(), Ok(d("/d.img", false, None)));
+        assert_eq!(
+            "path=/d.img,ro,serial=hull-test-disk".parse(),
+            Ok(d("/d.img", true, Some("hull-test-disk")))
+        );
+        assert_eq!(
+            "serial=x,ro,path=/dev/vdb".parse(),
+            Ok(d("/dev/vdb", true, Some("x")))
+        );
+        for (bad, why) in [
+            ("", "unknown option ''"),
+            ("/d.img", "unknown option '/d.img'"),
+            ("path=/d.img,rw", "unknown option 'rw'"),
+            ("path=/d.img,ro=1", "unknown option 'ro=1'"),
+            ("path=", "empty path"),
+            ("ro,serial=x", "no path"),
+            ("path=/a,path=/b", "path given twice"),
+            ("path=/a,serial=x,serial=y", "serial given twice"),
+        ] {
+            let e = bad.parse::<DriveConfig>().unwrap_err();
+            assert_eq!(
+                e,
+                format!("invalid drive '{bad}': {why} (expected path=PATH[,ro][,serial=ID])")
+            );
+        }
+    }
+
+    #[test]
+    fn drives_are_checked() {
+        let with = |path: &str, serial: Option<&str>| VmConfig {
+            drives: vec![DriveConfig {
+                path: path.into(),
+                read_only: false,
+                serial: serial.map(str::to_owned),
+            }],
+            ..VmConfig::default()
+        };
+        let here = env!("CARGO_MANIFEST_DIR");
+        assert_eq!(with(here, Some("ABCDEFGHIJKLMNOPQRST")).validate(), Ok(()));
+        assert_eq!(with(here, Some("a b")).validate(), Ok(()));
+        assert_eq!(
+            with("/nonexistent/disk.img", None).validate(),
+            Err(ConfigError::DriveMissing("/nonexistent/disk.img".into()))
+        );
+        for bad in ["ABCDEFGHIJKLMNOPQRSTU", "tab\there", "caf\u{e9}"] {
+            assert_eq!(
+                with(here, Some(bad)).validate(),
+                Err(ConfigError::DriveSerial(bad.into())),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -38,6 +38,12 @@ struct Cli {
     /// The guest's vsock context id.
     #[arg(long, default_value_t = 3, requires = "vsock_uds")]
     vsock_cid: u32,
+    /// A virtio-fs device served by a running virtiofsd: tag=TAG,socket=PATH.
+    #[arg(long)]
+    fs: Option<hull_vmm::config::FsConfig>,
+    /// A virtio-blk drive (repeatable): path=PATH[,ro][,serial=ID]; a raw image or block device.
+    #[arg(long = "drive", value_name = "path=PATH[,ro][,serial=ID]")]
+    drives: Vec<String>,
     /// KVM device.
     #[arg(long, default_value = "/dev/kvm")]
     kvm: PathBuf,
@@ -55,6 +61,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Parsed here rather than by clap, so that a bad drive is one `error:` line and exit 1.
+    let drives: Result<Vec<_>, String> = cli.drives.iter().map(|d| d.parse()).collect();
+    let drives = match drives {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("hull-vmm: error: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let config = VmConfig {
         kernel: cli.kernel,
         initrd: cli.initrd,
@@ -69,6 +84,8 @@ fn main() -> ExitCode {
             guest_cid: cli.vsock_cid,
             uds,
         }),
+        fs: cli.fs,
+        drives,
     };
     let vmm = match build_microvm(&config) {
         Ok(v) => v,
@@ -78,6 +95,10 @@ fn main() -> ExitCode {
         }
     };
     match vmm.wait() {
+        Ok(reason @ hull_vmm::vmm::ExitReason::BackendGone) => {
+            eprintln!("hull-vmm: error: {reason}");
+            ExitCode::from(1)
+        }
         Ok(reason) => {
             eprintln!("hull-vmm: {reason}");
             ExitCode::SUCCESS

@@ -22,6 +22,8 @@ pub enum ExitReason {
     Reboot,
     /// The guest triple-faulted (a reset on real hardware).
     TripleFault,
+    /// A device's backend process (virtiofsd) went away: the VM cannot go on.
+    BackendGone,
 }
 
 impl std::fmt::Display for ExitReason {
@@ -30,6 +32,7 @@ impl std::fmt::Display for ExitReason {
             Self::PowerOff => "guest powered off",
             Self::Reboot => "guest requested a reboot",
             Self::TripleFault => "guest triple-faulted (reset)",
+            Self::BackendGone => "the virtio-fs backend (virtiofsd) went away: VM stopped",
         })
     }
 }

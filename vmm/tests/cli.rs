@@ -121,3 +121,40 @@ fn bad_console() {
     assert_eq!(out.status.code(), Some(2), "clap usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid console 'tty'"));
 }
+
+#[test]
+fn drive_missing_file() {
+    let d = tmp("drive-missing");
+    let k = fake_kernel(&d);
+    let out = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--drive",
+        "path=/nonexistent/disk.img,serial=x",
+    ]);
+    assert_fails_with(&out, "drive /nonexistent/disk.img does not exist");
+}
+
+#[test]
+fn drive_bad_option() {
+    let d = tmp("drive-option");
+    let k = fake_kernel(&d);
+    let img = d.join("disk.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let arg = format!("path={},rw", img.display());
+    let out = vmm(&["--kernel", k.to_str().unwrap(), "--drive", &arg]);
+    assert_fails_with(&out, &format!("invalid drive '{arg}': unknown option 'rw'"));
+    let out = vmm(&["--kernel", k.to_str().unwrap(), "--drive", "ro"]);
+    assert_fails_with(&out, "invalid drive 'ro': no path");
+}
+
+#[test]
+fn drive_serial_too_long() {
+    let d = tmp("drive-serial");
+    let k = fake_kernel(&d);
+    let img = d.join("disk.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let arg = format!("path={},serial=012345678901234567890", img.display());
+    let out = vmm(&["--kernel", k.to_str().unwrap(), "--drive", &arg]);
+    assert_fails_with(&out, "invalid drive serial \"012345678901234567890\"");
+}

@@ -1,5 +1,6 @@
 //! What a fresh machine needs before anything builds or boots: Debian packages, installed with apt
-//! when missing (the project's own files install everything; nothing is assumed pre-installed).
+//! when missing, and virtiofsd from crates.io, installed with `cargo install` into
+//! `target/tools/` (the project's own files install everything; nothing is assumed pre-installed).
 
 use std::process::Command;
 
@@ -14,7 +15,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "xz-utils",        // the harness's L1 kernel payload is XZ: unpacked to a PVH vmlinux
     "util-linux",      // setpriv, used by the guest tests
     "libseccomp-dev",  // the agent's seccomp support (later issues)
-    "libcap-ng-dev",   // virtiofsd (later issues)
+    "libcap-ng-dev",   // virtiofsd
     "runc",            // the agent benchmark's peer (cargo xtask bench agent)
 ];
 
@@ -26,8 +27,50 @@ fn installed(pkg: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Installs whatever of [`APT_PACKAGES`] is missing.
+/// The virtiofsd release installed from crates.io.
+pub const VIRTIOFSD_VERSION: &str = "1.14.0";
+
+/// Where virtiofsd is installed (`target/tools/bin/virtiofsd`).
+pub fn virtiofsd() -> std::path::PathBuf {
+    crate::cargo::root().join("target/tools/bin/virtiofsd")
+}
+
+/// Installs whatever of [`APT_PACKAGES`] is missing, then virtiofsd.
 pub fn ensure() -> Result<()> {
+    ensure_apt()?;
+    ensure_virtiofsd()
+}
+
+/// `cargo install virtiofsd` into `target/tools/` unless that version is there (about a minute).
+fn ensure_virtiofsd() -> Result<()> {
+    let bin = virtiofsd();
+    let have = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(VIRTIOFSD_VERSION))
+        .unwrap_or(false);
+    if have {
+        return Ok(());
+    }
+    println!("deps: installing virtiofsd {VIRTIOFSD_VERSION} from crates.io into target/tools");
+    let root = crate::cargo::root().join("target/tools");
+    let mut c = crate::cargo::cargo();
+    c.args([
+        "install",
+        "--locked",
+        "--quiet",
+        "virtiofsd",
+        "--version",
+        VIRTIOFSD_VERSION,
+    ])
+    .arg("--root")
+    .arg(&root);
+    crate::cargo::run(c).context(
+        "cargo install virtiofsd failed (it needs Debian's libseccomp-dev and libcap-ng-dev)",
+    )
+}
+
+fn ensure_apt() -> Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
         .copied()

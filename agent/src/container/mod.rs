@@ -812,6 +812,29 @@ fn take_fd(fd: std::os::fd::RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// Where the sandbox's shared directory (virtio-fs) is mounted in the guest: container rootfs
+/// and volumes are under it.
+pub const SHARED_DIR: &str = "/run/hull/shared";
+
+/// Mounts the virtio-fs `tag` on [`SHARED_DIR`].
+pub fn mount_shared(tag: &str) -> Result<(), String> {
+    use nix::mount::{mount, MsFlags};
+    std::fs::create_dir_all(SHARED_DIR).map_err(|e| format!("mkdir {SHARED_DIR}: {e}"))?;
+    mount(
+        Some(tag),
+        SHARED_DIR,
+        Some("virtiofs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(|errno| {
+        format!(
+            "mount virtio-fs {tag:?} on {SHARED_DIR}: {errno} (does the VM have a virtio-fs device \
+             with this tag, and is its virtiofsd running?)"
+        )
+    })
+}
+
 /// The agent's default state directory and cgroup parent in each mode.
 pub fn guest_config() -> Config {
     Config {

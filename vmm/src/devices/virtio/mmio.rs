@@ -165,6 +165,7 @@ impl MmioTransport {
         self.queue_sel = 0;
         self.status = 0;
         self.interrupt_status.store(0, Ordering::Release);
+        self.interrupt.clear_sticky();
     }
 
     fn build_queues(&self) -> Result<Vec<Queue>, String> {
@@ -297,8 +298,11 @@ impl BusDevice for MmioTransport {
                 .queues
                 .get(self.queue_sel as usize)
                 .map_or(0, |q| u32::from(q.ready)),
-            0x060 => self.interrupt_status.load(Ordering::Acquire),
+            0x060 => self.interrupt_status.load(Ordering::Acquire) | self.interrupt.sticky(),
             0x070 => self.status,
+            // SHMLenLow/High, SHMBaseLow/High: no shared memory regions (all ones = "none"; a
+            // zero length would make virtio-fs try to map a DAX window at 0 and fail its probe).
+            0x0b0..=0x0bc => u32::MAX,
             0x0fc => 0, // config generation: the config space does not change under the driver
             _ => 0,
         };
@@ -496,6 +500,23 @@ mod tests {
         let mut cfg = [0u8; 8];
         t.read(0x100, &mut cfg);
         assert_eq!(cfg, *b"\x03\0\0\0\0\0\0\0");
+        // No shared memory regions: length and base read as all ones.
+        w(t, 0x0ac, 0);
+        for off in [0x0b0, 0x0b4, 0x0b8, 0x0bc] {
+            assert_eq!(r(t, off), u32::MAX, "SHM register {off:#x}");
+        }
+    }
+
+    #[test]
+    fn sticky_interrupt_bits_read_until_reset() {
+        let mut rig = rig();
+        assert_eq!(r(&mut rig.t, 0x060), 0);
+        rig.t.interrupt.set_sticky(InterruptType::Queue);
+        assert_eq!(r(&mut rig.t, 0x060), 1);
+        w(&mut rig.t, 0x064, 1); // InterruptACK does not clear it
+        assert_eq!(r(&mut rig.t, 0x060), 1);
+        w(&mut rig.t, 0x070, 0); // reset does
+        assert_eq!(r(&mut rig.t, 0x060), 0);
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //! - The device raises interrupts with [`Interrupt::trigger`]: it sets the InterruptStatus bit and
 //!   signals the device's irqfd.
 
+pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod vsock;
 
@@ -36,8 +38,12 @@ pub const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
 
 /// virtio device ids.
 pub mod device_type {
+    /// virtio-blk.
+    pub const BLOCK: u32 = 2;
     /// virtio-vsock.
     pub const VSOCK: u32 = 19;
+    /// virtio-fs.
+    pub const FS: u32 = 26;
 }
 
 /// Why an interrupt is raised.
@@ -64,12 +70,38 @@ impl InterruptType {
 pub struct Interrupt {
     status: Arc<AtomicU32>,
     irqfd: EventFd,
+    sticky: AtomicU32,
 }
 
 impl Interrupt {
     /// An interrupt setting bits in `status` and signalling `irqfd`.
     pub fn new(status: Arc<AtomicU32>, irqfd: EventFd) -> Self {
-        Self { status, irqfd }
+        Self {
+            status,
+            irqfd,
+            sticky: AtomicU32::new(0),
+        }
+    }
+
+    /// The irqfd, for a vhost-user backend that raises the interrupt itself.
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+
+    /// Makes `kind`'s InterruptStatus bit read as set until the next reset: for a vhost-user
+    /// backend, which signals the irqfd but cannot set the register.
+    pub fn set_sticky(&self, kind: InterruptType) {
+        self.sticky.fetch_or(kind.status_bit(), Ordering::AcqRel);
+    }
+
+    /// The bits [`Interrupt::set_sticky`] set.
+    pub fn sticky(&self) -> u32 {
+        self.sticky.load(Ordering::Acquire)
+    }
+
+    /// Clears the sticky bits (a device reset).
+    pub fn clear_sticky(&self) {
+        self.sticky.store(0, Ordering::Release);
     }
 
     /// Raises the interrupt.

@@ -1,0 +1,102 @@
+//! virtio-blk end to end: `hull-vmm --drive` with a real ext4 image, and the guest kernel's
+//! virtio_blk driver (loaded by the agent at boot) finding the disk at the right size.
+//!
+//! What the guest reads from and writes to the disk needs the agent to mount it; until then this
+//! checks the kernel's probe line on the console:
+//! `virtio_blk virtio0: [vda] 131072 512-byte logical blocks (67.1 MB/64.0 MiB)`.
+#![allow(clippy::tests_outside_test_module)] // an integration-test crate is all test code
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use hull_tests::{guest_image, run_with_deadline, vmm_command, VmRun};
+use sha2::{Digest, Sha256};
+
+/// Generous: an L2 boot takes ~5 s in the harness; a hang must still fail, not block.
+const LIMIT: Duration = Duration::from_secs(240);
+
+/// `quiet loglevel=6`: the console shows KERN_NOTICE and worse, which includes virtio_blk's probe
+/// line, but not the KERN_INFO boot log (every console byte is a VM exit). `hull.oneshot`: the
+/// agent loads the modules, prints its ready line and powers off.
+const CMDLINE: &str = "console=ttyS0 quiet loglevel=6 reboot=k panic=-1 pci=off hull.oneshot";
+
+/// The image: 64 MiB, so 131072 sectors.
+const DISK_BYTES: u64 = 64 << 20;
+
+/// A disk image in the temporary directory, removed on drop.
+struct Disk(PathBuf);
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Disk {
+    /// A fresh 64 MiB image with an ext4 file system (`mkfs.ext4` from e2fsprogs).
+    fn ext4(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("hull-blk-{}-{name}.img", std::process::id()));
+        let disk = Self(p);
+        std::fs::File::create(&disk.0)
+            .and_then(|f| f.set_len(DISK_BYTES))
+            .unwrap_or_else(|e| panic!("create {}: {e}", disk.0.display()));
+        let out = Command::new("mkfs.ext4")
+            .args(["-F", "-q", "-L", "hull-test"])
+            .arg(&disk.0)
+            .output()
+            .unwrap_or_else(|e| panic!("mkfs.ext4 (install e2fsprogs): {e}"));
+        assert!(out.status.success(), "mkfs.ext4: {out:?}");
+        disk
+    }
+
+    fn sha256(&self) -> Vec<u8> {
+        let mut f = std::fs::File::open(&self.0).unwrap();
+        let mut h = Sha256::new();
+        std::io::copy(&mut f, &mut h).unwrap();
+        h.finalize().to_vec()
+    }
+}
+
+/// Boots the guest image (ELF/PVH, 1 vCPU, 256 MiB) with `--drive <drive>`.
+fn boot_with_drive(drive: &str) -> VmRun {
+    let img = guest_image();
+    let mut cmd = vmm_command(&img.vmlinux, 1, 256);
+    cmd.args(["--cmdline", CMDLINE, "--drive", drive]);
+    run_with_deadline(cmd, LIMIT)
+}
+
+/// Checks the boot ended cleanly and the kernel probed `vda` at 64 MiB.
+fn assert_sees_vda(run: &VmRun) {
+    assert!(run.status.success(), "hull-vmm failed: {run:?}");
+    assert_eq!(run.stderr.trim(), "hull-vmm: guest powered off", "{run:?}");
+    assert!(run.ready().is_some(), "no ready marker: {run:?}");
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.contains("virtio_blk virtio") && l.contains("[vda]"))
+        .unwrap_or_else(|| panic!("the guest kernel did not report vda: {run:?}"));
+    let want = format!("[vda] {} 512-byte logical blocks", DISK_BYTES / 512);
+    assert!(line.contains(&want), "expected '{want}' in: {line}");
+}
+
+#[test]
+fn guest_kernel_sees_the_drive() {
+    let disk = Disk::ext4("rw");
+    let run = boot_with_drive(&format!("path={},serial=hull-test-disk", disk.0.display()));
+    assert_sees_vda(&run);
+}
+
+#[test]
+fn guest_kernel_sees_a_read_only_drive() {
+    // Linux 6.1's virtio_blk marks a VIRTIO_BLK_F_RO disk read-only (set_disk_ro) without a
+    // console message, so the boot only shows the disk; the image must come back unchanged.
+    let disk = Disk::ext4("ro");
+    let before = disk.sha256();
+    let run = boot_with_drive(&format!(
+        "path={},ro,serial=hull-test-disk",
+        disk.0.display()
+    ));
+    assert_sees_vda(&run);
+    assert_eq!(disk.sha256(), before, "a read-only drive was written");
+}
