@@ -100,3 +100,111 @@ fn guest_kernel_sees_a_read_only_drive() {
     assert_sees_vda(&run);
     assert_eq!(disk.sha256(), before, "a read-only drive was written");
 }
+
+/// The fixtures initramfs (busybox rootfs in the guest), made by `cargo xtask test`.
+fn fixtures_initrd() -> PathBuf {
+    std::env::var_os("HULL_FIXTURES_INITRD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            hull_tests::workspace_root().join("target/guest/initramfs-fixtures.cpio")
+        })
+}
+
+#[test]
+fn a_disk_mounted_by_serial_keeps_what_a_container_wrote() {
+    use hull_agent_api::agent;
+    use hull_agent_api::client::{connect_watching, process_alive, Target};
+    use hull_tests::containers::{template, Ctx};
+    use hull_tests::RunningVm;
+
+    let disk = Disk::ext4("data");
+    let dir = RunningVm::prepare("blkdata");
+    let vm = RunningVm::start_full(
+        dir,
+        &fixtures_initrd(),
+        1,
+        512,
+        "",
+        &[
+            "--drive".into(),
+            format!("path={},serial=hull-data", disk.0.display()),
+        ],
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let target = Target::HybridVsock {
+            uds: vm.uds.clone(),
+            port: hull_agent_api::DEFAULT_AGENT_PORT,
+        };
+        let client = connect_watching(
+            &target,
+            std::time::Instant::now() + LIMIT,
+            process_alive(vm.pid()),
+        )
+        .await
+        .expect("the guest agent answers");
+        let raw = client.raw().clone();
+        let rpc = || hull_agent_api::ttrpc::context::with_timeout(120_000_000_000);
+        // A serial nobody has: a clear NOT_FOUND.
+        let mut m = agent::MountStorageRequest::new();
+        m.block_serial = "no-such-disk".into();
+        m.fstype = "ext4".into();
+        m.mount_point = "/run/hull/storage/data".into();
+        let e = raw.mount_storage(rpc(), &m).await.unwrap_err();
+        assert!(format!("{e:?}").contains("no-such-disk"), "{e:?}");
+        m.block_serial = "hull-data".into();
+        raw.mount_storage(rpc(), &m).await.unwrap();
+
+        let ctx = Ctx {
+            client: raw.clone(),
+            rootfs: PathBuf::from("/fixtures/busybox/rootfs"),
+            template: template(),
+            agent_pid: 1,
+            cgroup_parent: "/hull".into(),
+            prefix: "blk".into(),
+            target,
+        };
+        let mut spec = ctx.spec(&[
+            "sh",
+            "-c",
+            "echo written in the guest > /data/hello.txt && cat /data/hello.txt",
+        ]);
+        spec["mounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+            "destination": "/data", "type": "bind",
+            "source": "/run/hull/storage/data", "options": ["rbind", "rw"]}));
+        let out = ctx.run("blk-1", &spec, None).await.unwrap();
+        assert_eq!(
+            (out.status, out.out()),
+            (0, "written in the guest\n".to_owned()),
+            "{}",
+            out.err()
+        );
+        // The agent syncs and unmounts on DestroySandbox; the device flushes to the image.
+        client.destroy_sandbox().await.unwrap();
+    });
+    let run = vm.wait(LIMIT);
+    assert!(run.status.success(), "{}", run.stderr);
+    let fsck = Command::new("fsck.ext4")
+        .arg("-fn")
+        .arg(&disk.0)
+        .output()
+        .unwrap();
+    assert!(fsck.status.success(), "fsck: {fsck:?}");
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /hello.txt"])
+        .arg(&disk.0)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&cat.stdout),
+        "written in the guest\n",
+        "{cat:?}"
+    );
+}

@@ -39,13 +39,18 @@ impl Virtiofsd {
             bin.display()
         );
         let socket = dir.join("virtiofsd.sock");
+        // With HULL_TEST_CONSOLE_DIR (see RunningVm), virtiofsd's debug log goes there too.
+        let (level, log) = match std::env::var_os("HULL_TEST_CONSOLE_DIR") {
+            Some(d) => ("debug", PathBuf::from(d).join("virtiofsd.log")),
+            None => ("error", dir.join("virtiofsd.log")),
+        };
         let child = Command::new(&bin)
             .arg(format!("--socket-path={}", socket.display()))
             .arg(format!("--shared-dir={}", shared.display()))
-            .args(["--cache=auto", "--log-level=error"])
+            .args(["--cache=auto", &format!("--log-level={level}")])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("virtiofsd.log")).unwrap())
+            .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .expect("spawn virtiofsd");
         // Ready when its socket exists (it listens before it creates nothing else).

@@ -353,6 +353,30 @@ pub mod cases {
 
     use super::*;
 
+    /// Signal dispositions are the defaults, as runc leaves them: `yes | head` ends (SIGPIPE
+    /// kills `yes`; the agent is a Rust program, which ignores SIGPIPE, and an ignored signal
+    /// would be inherited across exec).
+    pub async fn default_signal_dispositions(ctx: Ctx) {
+        let id = unique(&ctx, "sigpipe");
+        let out = ctx
+            .run(&id, &ctx.spec(&["sh", "-c", "yes | head -c 5"]), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            (out.status, out.out()),
+            (0, "y\ny\ny".to_owned()),
+            "{}",
+            out.err()
+        );
+        let id = unique(&ctx, "sigign");
+        let grep = ["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"];
+        let out = ctx.run(&id, &ctx.spec(&grep), None).await.unwrap();
+        assert_eq!(
+            out.out(),
+            "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+        );
+    }
+
     /// `echo` output comes back byte-exact; status 0.
     pub async fn echo_output(ctx: Ctx) {
         let id = unique(&ctx, "echo");
@@ -981,6 +1005,7 @@ macro_rules! all_container_cases {
     () => {
         $crate::container_cases!(
             echo_output,
+            default_signal_dispositions,
             exit_codes,
             signals,
             stdin_round_trip,

@@ -195,8 +195,22 @@ impl RunningVm {
         use std::os::unix::process::CommandExt as _;
         let img = guest_image();
         let uds = dir.join("vsock.sock");
-        let cmdline = format!("console=ttyS0 quiet reboot=k panic=-1 pci=off {extra_cmdline}");
+        // Debugging aids: `HULL_TEST_CMDLINE` is appended to every guest's command line (e.g.
+        // `hull.debug`), and with `HULL_TEST_CONSOLE_DIR` each console goes to `<dir>/<vm>.log`.
+        let debug_cmdline = std::env::var("HULL_TEST_CMDLINE").unwrap_or_default();
+        let cmdline = format!(
+            "console=ttyS0 quiet reboot=k panic=-1 pci=off {extra_cmdline} {debug_cmdline}"
+        );
         let mut cmd = vmm_command_with(&img.vmlinux, initrd, vcpus, memory_mib);
+        if let Some(d) = std::env::var_os("HULL_TEST_CONSOLE_DIR") {
+            let name = dir
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            let log = PathBuf::from(d).join(format!("{name}.log"));
+            cmd.arg("--console").arg(format!("file:{}", log.display()));
+        }
         // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of ours.
         unsafe {
             cmd.pre_exec(|| {

@@ -98,6 +98,7 @@ pub const ACK: &str = "ack\n";
 /// The helper's `main`: serves one request on fd 3 and exits (0: answered, 1: the control
 /// socket is broken).
 pub fn main() -> std::process::ExitCode {
+    reset_signals();
     // SAFETY: the agent started this process with fd 3 open on the socketpair and nothing else
     // in this process owns it; taking ownership once, here, at the start of main.
     let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
@@ -109,6 +110,68 @@ pub fn main() -> std::process::ExitCode {
             drop(e);
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Gives the processes this helper makes the default signal dispositions and an empty signal
+/// mask, as runc does. An ignored signal survives exec: Rust's runtime ignores SIGPIPE in the
+/// agent and in this helper, and whatever started the agent may have ignored others; a container
+/// would inherit them (`yes | head` would never end).
+fn reset_signals() {
+    /// The kernel's `struct sigaction` on x86_64 (glibc's differs, and glibc refuses to touch
+    /// the signals it reserves, 32 and 33, which may still have been ignored by someone).
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    for sig in 1..=64i64 {
+        if sig == i64::from(libc::SIGKILL) || sig == i64::from(libc::SIGSTOP) {
+            continue;
+        }
+        let mut old = KernelSigaction {
+            handler: 0,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        // SAFETY: rt_sigaction with no new action writes the current one into `old`, a live
+        // local of the kernel's layout; the last argument is the size of the kernel's sigset.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                std::ptr::null::<KernelSigaction>(),
+                &mut old as *mut KernelSigaction,
+                8usize,
+            )
+        };
+        if rc == 0 && old.handler == libc::SIG_IGN {
+            let dfl = KernelSigaction {
+                handler: libc::SIG_DFL,
+                flags: 0,
+                restorer: 0,
+                mask: 0,
+            };
+            // SAFETY: as above, installing the default disposition from a live local.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &dfl as *const KernelSigaction,
+                    std::ptr::null_mut::<KernelSigaction>(),
+                    8usize,
+                )
+            };
+        }
+    }
+    // SAFETY: an empty set, initialised by sigemptyset, installed as the mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
     }
 }
 

@@ -11,6 +11,7 @@
 pub mod container;
 pub mod health;
 pub mod sandbox;
+pub mod storage;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -148,6 +149,25 @@ impl AgentService for Service {
         _req: agent::DestroySandboxRequest,
     ) -> ttrpc::Result<agent::DestroySandboxResponse> {
         reply("DestroySandbox", Ok(sandbox::destroy_sandbox(&self.state)))
+    }
+
+    async fn mount_storage(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::MountStorageRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        reply("MountStorage", storage::mount_storage(&self.state, &req))
+    }
+
+    async fn unmount_storage(
+        &self,
+        _ctx: &TtrpcContext,
+        req: agent::UnmountStorageRequest,
+    ) -> ttrpc::Result<agent::Empty> {
+        reply(
+            "UnmountStorage",
+            storage::unmount_storage(&self.state, &req),
+        )
     }
 
     async fn create_container(
