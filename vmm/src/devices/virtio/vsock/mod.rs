@@ -225,15 +225,20 @@ impl Vsock {
             return;
         };
         let mut used = false;
+        let mut rechecked = false;
         while muxer.has_pending_rx() {
             let Some(chain) = a.queues[RXQ].pop_descriptor_chain(&a.mem) else {
                 // No buffers: host sockets stay unread until the guest posts some (rx kick).
                 // With EVENT_IDX, ask for that kick; buffers posted meanwhile are used at once.
-                if a.queues[RXQ].enable_notification(&a.mem).unwrap_or(false) {
+                // Only once in a row: a corrupt avail index (more than a queue ahead) makes the
+                // queue look non-empty yet yield nothing, and must not spin this thread.
+                if !rechecked && a.queues[RXQ].enable_notification(&a.mem).unwrap_or(false) {
+                    rechecked = true;
                     continue;
                 }
                 break;
             };
+            rechecked = false;
             let head = chain.head_index();
             let len = match RxBuffer::new(&a.mem, chain) {
                 Ok(buf) if buf.capacity() >= HDR_LEN => {
@@ -282,6 +287,7 @@ impl Vsock {
         };
         *tx_stalled = false;
         let mut used = false;
+        let mut rechecked = false;
         'passes: loop {
             if muxer.rst_backlog_full() {
                 // Each packet may need an RST back: wait for the guest to take some.
@@ -290,11 +296,14 @@ impl Vsock {
             }
             let Some(chain) = a.queues[TXQ].pop_descriptor_chain(&a.mem) else {
                 // Re-arm the guest's kick (EVENT_IDX); packets queued meanwhile are taken now.
-                if a.queues[TXQ].enable_notification(&a.mem).unwrap_or(false) {
+                // Once in a row (see process_rx).
+                if !rechecked && a.queues[TXQ].enable_notification(&a.mem).unwrap_or(false) {
+                    rechecked = true;
                     continue 'passes;
                 }
                 break;
             };
+            rechecked = false;
             let head = chain.head_index();
             match read_tx_packet(&a.mem, chain, scratch) {
                 Ok(hdr) => {
