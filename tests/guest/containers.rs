@@ -32,7 +32,22 @@ fn vm() -> &'static (PathBuf, u32) {
         // The VM's parent thread lives as long as the process (the VMM dies with it).
         std::thread::spawn(move || {
             let dir = RunningVm::prepare("containers");
-            let vm = RunningVm::start_with(dir, &initrd, 1, 768, "");
+            // Nothing reads this VM's console: with HULL_TEST_LOG_DIR (cargo xtask test) it is
+            // kept on disk, so that a VM that dies mid-suite leaves its last words.
+            let console: Vec<String> = match (
+                std::env::var_os("HULL_TEST_LOG_DIR"),
+                std::env::var_os("HULL_TEST_CONSOLE_DIR"),
+            ) {
+                (Some(d), None) => vec![
+                    "--console".into(),
+                    format!(
+                        "file:{}",
+                        PathBuf::from(d).join("containers.console").display()
+                    ),
+                ],
+                _ => Vec::new(),
+            };
+            let vm = RunningVm::start_full(dir, &initrd, 1, 768, "", &console);
             tx.send((vm.uds.clone(), vm.pid())).expect("send");
             loop {
                 std::thread::park();

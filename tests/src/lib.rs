@@ -232,10 +232,24 @@ impl RunningVm {
             .expect("spawn hull-vmm");
         let mut out = child.stdout.take().expect("piped");
         let mut err = child.stderr.take().expect("piped");
+        // With `HULL_TEST_LOG_DIR` (set by `cargo xtask test`), the VMM's stderr is also kept in
+        // `<dir>/<vm>.stderr` once it ends: why a VM died is then on disk even when no test
+        // waited for it (a VM shared by a suite).
+        let keep = std::env::var_os("HULL_TEST_LOG_DIR").map(|d| {
+            let name = dir
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            PathBuf::from(d).join(format!("{name}.stderr"))
+        });
         let output = std::thread::spawn(move || {
             let e = std::thread::spawn(move || {
                 let mut s = String::new();
                 let _ = err.read_to_string(&mut s);
+                if let Some(path) = keep {
+                    let _ = std::fs::write(path, &s);
+                }
                 s
             });
             let mut o = String::new();

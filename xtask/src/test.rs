@@ -79,6 +79,10 @@ pub fn run(args: Args) -> Result<()> {
             "export HULL_FIXTURES_INITRD='{}'",
             fixtures_initrd.display()
         )?;
+        let vm_logs = logs.join("vm");
+        let _ = std::fs::remove_dir_all(&vm_logs);
+        std::fs::create_dir_all(&vm_logs)?;
+        writeln!(script, "export HULL_TEST_LOG_DIR='{}'", vm_logs.display())?;
         // One test at a time: L1 has two vCPUs, and oversubscribing them with L2 vCPUs makes nested
         // SVM under TCG lock up L1's kernel (seen with QEMU as the inner VMM too). Each test boots
         // in ~2 s, so little is lost.
