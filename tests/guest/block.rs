@@ -113,8 +113,7 @@ fn fixtures_initrd() -> PathBuf {
 #[test]
 fn a_disk_mounted_by_serial_keeps_what_a_container_wrote() {
     use hull_agent_api::agent;
-    use hull_agent_api::client::{connect_watching, process_alive, Target};
-    use hull_tests::containers::{template, Ctx};
+    use hull_tests::containers::{Ctx, GUEST_FIXTURE_ROOTFS};
     use hull_tests::RunningVm;
 
     let disk = Disk::ext4("data");
@@ -136,18 +135,9 @@ fn a_disk_mounted_by_serial_keeps_what_a_container_wrote() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let target = Target::HybridVsock {
-            uds: vm.uds.clone(),
-            port: hull_agent_api::DEFAULT_AGENT_PORT,
-        };
-        let client = connect_watching(
-            &target,
-            std::time::Instant::now() + LIMIT,
-            process_alive(vm.pid()),
-        )
-        .await
-        .expect("the guest agent answers");
-        let raw = client.raw().clone();
+        let (ctx, client) =
+            Ctx::guest(vm.uds.clone(), vm.pid(), GUEST_FIXTURE_ROOTFS, "blk", LIMIT).await;
+        let raw = ctx.client.clone();
         let rpc = || hull_agent_api::ttrpc::context::with_timeout(120_000_000_000);
         // A serial nobody has: a clear NOT_FOUND.
         let mut m = agent::MountStorageRequest::new();
@@ -159,15 +149,6 @@ fn a_disk_mounted_by_serial_keeps_what_a_container_wrote() {
         m.block_serial = "hull-data".into();
         raw.mount_storage(rpc(), &m).await.unwrap();
 
-        let ctx = Ctx {
-            client: raw.clone(),
-            rootfs: PathBuf::from("/fixtures/busybox/rootfs"),
-            template: template(),
-            agent_pid: 1,
-            cgroup_parent: "/hull".into(),
-            prefix: "blk".into(),
-            target,
-        };
         let mut spec = ctx.spec(&[
             "sh",
             "-c",

@@ -7,10 +7,10 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use hull_agent_api::client::{connect_watching, process_alive, Target};
-use hull_tests::containers::{template, Ctx};
+use hull_agent_api::client::process_alive;
+use hull_tests::containers::{Ctx, GUEST_FIXTURE_ROOTFS};
 use hull_tests::RunningVm;
 
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
@@ -80,22 +80,7 @@ struct Guard;
 
 async fn ctx(name: &str) -> (Ctx, Guard) {
     let (uds, pid) = vm();
-    let target = Target::HybridVsock {
-        uds,
-        port: hull_agent_api::DEFAULT_AGENT_PORT,
-    };
-    let client = connect_watching(&target, Instant::now() + BOOT_LIMIT, process_alive(pid))
-        .await
-        .expect("the guest agent answers");
-    let ctx = Ctx {
-        client: client.raw().clone(),
-        rootfs: PathBuf::from("/fixtures/busybox/rootfs"),
-        template: template(),
-        agent_pid: 1,
-        cgroup_parent: "/hull".into(),
-        prefix: name.chars().take(12).collect::<String>().replace('_', "-"),
-        target,
-    };
+    let (ctx, _) = Ctx::guest(uds, pid, GUEST_FIXTURE_ROOTFS, name, BOOT_LIMIT).await;
     (ctx, Guard)
 }
 

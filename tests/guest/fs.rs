@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hull_agent_api::client::{connect_watching, process_alive, Target};
-use hull_tests::containers::{fixtures, template, Ctx};
+use hull_tests::containers::{fixtures, Ctx};
 use hull_tests::RunningVm;
 use serde_json::json;
 
@@ -94,26 +93,15 @@ fn boot(name: &str, fsd: &Virtiofsd) -> RunningVm {
 }
 
 async fn ctx(vm: &RunningVm, prefix: &str) -> Ctx {
-    let target = Target::HybridVsock {
-        uds: vm.uds.clone(),
-        port: hull_agent_api::DEFAULT_AGENT_PORT,
-    };
-    let client = connect_watching(
-        &target,
-        Instant::now() + BOOT_LIMIT,
-        process_alive(vm.pid()),
+    Ctx::guest(
+        vm.uds.clone(),
+        vm.pid(),
+        "/run/hull/shared/rootfs",
+        prefix,
+        BOOT_LIMIT,
     )
     .await
-    .expect("the guest agent answers");
-    Ctx {
-        client: client.raw().clone(),
-        rootfs: PathBuf::from("/run/hull/shared/rootfs"),
-        template: template(),
-        agent_pid: 1,
-        cgroup_parent: "/hull".into(),
-        prefix: prefix.into(),
-        target,
-    }
+    .0
 }
 
 /// Runs `script` with sh on the host; its stdout.

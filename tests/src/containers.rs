@@ -98,7 +98,44 @@ impl Output {
     }
 }
 
+/// Where the fixtures initramfs puts the busybox rootfs in a guest.
+pub const GUEST_FIXTURE_ROOTFS: &str = "/fixtures/busybox/rootfs";
+
 impl Ctx {
+    /// A context for the agent of the guest whose VMM (`vmm_pid`) serves hybrid vsock on `uds`,
+    /// with containers' rootfs at `rootfs` in the guest; waits (up to `boot_limit`) for the agent
+    /// to answer, and fails at once if the VMM dies. Also returns the typed client.
+    pub async fn guest(
+        uds: PathBuf,
+        vmm_pid: u32,
+        rootfs: &str,
+        prefix: &str,
+        boot_limit: Duration,
+    ) -> (Self, hull_agent_api::client::AgentClient) {
+        use hull_agent_api::client::{connect_watching, process_alive, Target};
+        let target = Target::HybridVsock {
+            uds,
+            port: hull_agent_api::DEFAULT_AGENT_PORT,
+        };
+        let client = connect_watching(&target, Instant::now() + boot_limit, process_alive(vmm_pid))
+            .await
+            .expect("the guest agent answers");
+        let ctx = Self {
+            client: client.raw().clone(),
+            rootfs: PathBuf::from(rootfs),
+            template: template(),
+            agent_pid: 1,
+            cgroup_parent: "/hull".into(),
+            prefix: prefix
+                .chars()
+                .take(12)
+                .collect::<String>()
+                .replace('_', "-"),
+            target,
+        };
+        (ctx, client)
+    }
+
     /// A spec running `args` (a writable tmpfs on /tmp added).
     pub fn spec(&self, args: &[&str]) -> Value {
         let mut s = self.template.clone();

@@ -206,22 +206,21 @@ pub fn build_microvm(config: &VmConfig) -> Result<Vmm, BuildError> {
     let mut mmio_bus = Bus::new();
     let mut devices = MmioDeviceManager::new();
     let mut io_loop = EventLoopBuilder::new()?;
+    let mut place = Placement {
+        vm: &vm,
+        bus: &mut mmio_bus,
+        mem: &mem,
+        devices: &mut devices,
+        events: &mut io_loop,
+    };
     if let Some(v) = &config.vsock {
-        add_vsock(v, &vm, &mut mmio_bus, &mem, &mut devices, &mut io_loop)?;
+        add_vsock(v, &mut place)?;
     }
     for d in &config.drives {
-        add_block(d, &vm, &mut mmio_bus, &mem, &mut devices, &mut io_loop)?;
+        add_block(d, &mut place)?;
     }
     if let Some(f) = &config.fs {
-        add_fs(
-            f,
-            &vm,
-            &mut mmio_bus,
-            &mem,
-            &mut devices,
-            &mut io_loop,
-            &exit,
-        )?;
+        add_fs(f, &mut place, &exit)?;
     }
     let mmio_bus = Arc::new(mmio_bus);
     let mut dsdt: Vec<&dyn acpi::DsdtEntry> = vec![&Com1];
@@ -274,56 +273,61 @@ pub fn build_microvm(config: &VmConfig) -> Result<Vmm, BuildError> {
     Ok(vmm)
 }
 
+/// Where a virtio device goes: the VM, the MMIO bus and its slots, guest memory, and the event
+/// loop its I/O runs on.
+struct Placement<'a> {
+    vm: &'a kvm_ioctls::VmFd,
+    bus: &'a mut Bus,
+    mem: &'a vm_memory::GuestMemoryMmap,
+    devices: &'a mut MmioDeviceManager,
+    events: &'a mut EventLoopBuilder,
+}
+
+impl Placement<'_> {
+    /// Puts `device` on virtio-mmio.
+    fn add<D: crate::devices::virtio::VirtioDevice + 'static>(
+        &mut self,
+        device: Arc<Mutex<D>>,
+    ) -> Result<(), BuildError> {
+        self.devices
+            .add_virtio(self.vm, self.bus, self.mem, device)?;
+        Ok(())
+    }
+}
+
 /// Connects the virtio-fs device to its backend, places it on virtio-mmio and watches the backend
 /// from the event loop.
 fn add_fs(
     f: &crate::config::FsConfig,
-    vm: &kvm_ioctls::VmFd,
-    bus: &mut Bus,
-    mem: &vm_memory::GuestMemoryMmap,
-    devices: &mut MmioDeviceManager,
-    events: &mut EventLoopBuilder,
+    place: &mut Placement<'_>,
     exit: &ExitNotifier,
 ) -> Result<(), BuildError> {
     use crate::devices::virtio::fs::VhostUserFs;
     let fs = VhostUserFs::connect(&f.tag, &f.socket)?;
-    events.add(Arc::new(Mutex::new(fs.watch(exit.clone()))));
-    devices.add_virtio(vm, bus, mem, Arc::new(Mutex::new(fs)))?;
-    Ok(())
+    place
+        .events
+        .add(Arc::new(Mutex::new(fs.watch(exit.clone()))));
+    place.add(Arc::new(Mutex::new(fs)))
 }
 
 /// Creates the virtio-vsock device, places it on virtio-mmio and subscribes it to the event loop.
-fn add_vsock(
-    v: &crate::config::VsockConfig,
-    vm: &kvm_ioctls::VmFd,
-    bus: &mut Bus,
-    mem: &vm_memory::GuestMemoryMmap,
-    devices: &mut MmioDeviceManager,
-    events: &mut EventLoopBuilder,
-) -> Result<(), BuildError> {
+fn add_vsock(v: &crate::config::VsockConfig, place: &mut Placement<'_>) -> Result<(), BuildError> {
     use crate::devices::virtio::vsock::Vsock;
     let vsock = Vsock::new(u64::from(v.guest_cid), v.uds.clone())
         .map_err(|e| BuildError::Vsock(e.to_string()))?;
     let vsock = Arc::new(Mutex::new(vsock));
-    devices.add_virtio(vm, bus, mem, vsock.clone())?;
-    events.add(vsock);
+    place.add(vsock.clone())?;
+    place.events.add(vsock);
     Ok(())
 }
 
 /// Opens a drive as a virtio-blk device, places it on virtio-mmio and subscribes it to the event
 /// loop.
-fn add_block(
-    d: &crate::config::DriveConfig,
-    vm: &kvm_ioctls::VmFd,
-    bus: &mut Bus,
-    mem: &vm_memory::GuestMemoryMmap,
-    devices: &mut MmioDeviceManager,
-    events: &mut EventLoopBuilder,
-) -> Result<(), BuildError> {
+fn add_block(d: &crate::config::DriveConfig, place: &mut Placement<'_>) -> Result<(), BuildError> {
     use crate::devices::virtio::block::Block;
     let serial = d.serial.as_deref().unwrap_or_default().as_bytes();
     let block = Arc::new(Mutex::new(Block::new(&d.path, d.read_only, serial)?));
-    devices.add_virtio(vm, bus, mem, block.clone())?;
-    events.add(block);
+    place.add(block.clone())?;
+    place.events.add(block);
     Ok(())
 }
