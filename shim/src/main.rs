@@ -1,14 +1,55 @@
-//! `containerd-shim-kata-v2`: Hull's containerd shim (runtime type `io.containerd.kata.v2`).
+//! `containerd-shim-kata-v2` (also installed as `containerd-shim-hull-v2`): Hull's containerd
+//! shim, runtime type `io.containerd.kata.v2`. One shim process per sandbox (pod, or standalone
+//! container) owns that sandbox's VM and serves containerd's Task API for its containers.
 //!
-//! A stub for now: the shim v2 Task API, the per-pod sandbox (hull-vmm, virtiofsd) and the agent
-//! client arrive with the shim issue. Until then it refuses to start, clearly, so containerd reports
-//! the failure instead of waiting on a socket.
+//! containerd runs the binary three ways ([`cli`] parses them):
+//! - `… start`: find or launch the sandbox's shim and print its socket address ([`start`]);
+//! - `… delete`: clean up after a shim that died ([`start::delete`]);
+//! - no action: be the shim, serving on the socket `start` passed as fd 3 ([`serve`]).
+//!
+//! Module map: [`config`] (the TOML file), [`sandbox`] (VM, virtiofsd, share), [`service`] (the
+//! Task API), [`io`] (stdio), [`spec`] (the OCI spec for the guest), [`mount`] (host mounts),
+//! [`events`] (to containerd).
+
+mod cli;
+mod config;
+mod events;
+mod io;
+mod mount;
+mod sandbox;
+mod serve;
+mod service;
+mod spec;
+mod start;
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    eprintln!(
-        "containerd-shim-kata-v2: Hull's shim is not implemented yet; use hull-vmm directly (cargo xtask run)"
-    );
-    ExitCode::from(1)
+    let args = match cli::parse(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("containerd-shim-kata-v2: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match args.action {
+        cli::Action::Version => {
+            println!(
+                "containerd-shim-kata-v2 (Hull) {}\nTask API: containerd.task.v2.Task, containerd.task.v3.Task",
+                env!("CARGO_PKG_VERSION")
+            );
+            Ok(())
+        }
+        cli::Action::Start => start::start(&args),
+        cli::Action::Delete => start::delete(&args),
+        cli::Action::Serve => serve::serve(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // containerd shows a failed start's stderr to the user.
+            eprintln!("containerd-shim-kata-v2: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -3,11 +3,12 @@
 //! and containers whose rootfs and volumes come from that share.
 #![allow(clippy::tests_outside_test_module)] // an integration-test crate is all test code
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hull_tests::containers::{fixtures, Ctx};
+use hull_tests::virtiofsd::Virtiofsd;
 use hull_tests::RunningVm;
 use serde_json::json;
 
@@ -19,61 +20,6 @@ fn big_mib() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(256)
-}
-
-/// virtiofsd on `shared`, its socket in `dir`; killed on drop.
-struct Virtiofsd {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Virtiofsd {
-    fn start(dir: &Path, shared: &Path) -> Self {
-        let bin = std::env::var_os("HULL_VIRTIOFSD")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| hull_tests::workspace_root().join("target/tools/bin/virtiofsd"));
-        assert!(
-            bin.exists(),
-            "{} is missing: cargo xtask deps installs it",
-            bin.display()
-        );
-        let socket = dir.join("virtiofsd.sock");
-        // With HULL_TEST_CONSOLE_DIR (see RunningVm), virtiofsd's debug log goes there too.
-        let (level, log) = match std::env::var_os("HULL_TEST_CONSOLE_DIR") {
-            Some(d) => ("debug", PathBuf::from(d).join("virtiofsd.log")),
-            None => ("error", dir.join("virtiofsd.log")),
-        };
-        let child = Command::new(&bin)
-            .arg(format!("--socket-path={}", socket.display()))
-            .arg(format!("--shared-dir={}", shared.display()))
-            .args(["--cache=auto", &format!("--log-level={level}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .expect("spawn virtiofsd");
-        // Ready when its socket exists (it listens before it creates nothing else).
-        let t = Instant::now();
-        while !socket.exists() {
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "virtiofsd made no socket"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self { child, socket }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-}
-
-impl Drop for Virtiofsd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A VM whose virtio-fs device is served by `fsd`.

@@ -6,6 +6,7 @@
 //! hardware-KVM host).
 
 pub mod containers;
+pub mod virtiofsd;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -6,7 +6,7 @@
 //! `HULL_GUEST_READY` line is read from its console, and to the VMM's exit (the guest powers off
 //! right after the marker). Peak RSS comes from `wait4`.
 //!
-//! `cargo xtask bench vsock` is in `bench_vsock`; `cargo xtask bench agent` (containers through the
+//! `cargo xtask bench vsock` is in `bench_vsock`, `cargo xtask bench fs` in `bench_fs`; `cargo xtask bench agent` (containers through the
 //! host-mode agent beside runc, on this host, no harness) is in `bench_agent`.
 
 use std::io::{BufRead, BufReader};
@@ -64,6 +64,8 @@ pub enum Bench {
     Vsock,
     /// Life of a `true` container through the host-mode agent, beside `runc run` (on this host).
     Agent,
+    /// File system workload in a guest over virtio-fs and virtio-blk, beside L1's own.
+    Fs,
 }
 
 /// Arguments of the part that runs where KVM boots guests (inside L1).
@@ -90,6 +92,9 @@ pub struct InnerArgs {
     /// RAM, MiB.
     #[arg(long)]
     pub memory: u32,
+    /// The static `hull-fsbench` (bench fs).
+    #[arg(long)]
+    pub fsbench: Option<PathBuf>,
 }
 
 impl InnerArgs {
@@ -113,6 +118,20 @@ pub fn run(args: Args) -> Result<()> {
         return crate::bench_agent::run(args.runs.unwrap_or(50), args.verbose);
     }
     let img = guest_image::prepare_release()?;
+    let mut initrd = img.initramfs.clone();
+    let mut extra = Vec::new();
+    if args.what == Bench::Fs {
+        let fsbench = crate::bench_fs::build_fsbench()?;
+        initrd = guest_image::fixtures_initramfs_with(
+            &img,
+            "initramfs-bench-fs.cpio",
+            &[(
+                crate::bench_fs::GUEST_FSBENCH.trim_start_matches('/'),
+                &fsbench,
+            )],
+        )?;
+        extra = vec!["--fsbench".into(), fsbench.display().to_string()];
+    }
     let kernel = match args.kernel {
         KernelKind::Elf => img.vmlinux,
         KernelKind::Bzimage => img.vmlinuz,
@@ -126,6 +145,7 @@ pub fn run(args: Args) -> Result<()> {
         match args.what {
             Bench::Boot => "boot",
             Bench::Vsock => "vsock",
+            Bench::Fs => "fs",
             Bench::Agent => unreachable!("bench agent runs on the host"),
         }
         .into(),
@@ -136,12 +156,15 @@ pub fn run(args: Args) -> Result<()> {
         "--kernel".into(),
         kernel.display().to_string(),
         "--initrd".into(),
-        img.initramfs.display().to_string(),
+        initrd.display().to_string(),
         "--vcpus".into(),
         args.vcpus.to_string(),
         "--memory".into(),
         args.memory.to_string(),
-    ];
+    ]
+    .into_iter()
+    .chain(extra)
+    .collect();
     let status = harness::run_commands(&[cmd], &harness::options(Duration::from_secs(1800)))?;
     if status != 0 {
         bail!("the benchmark failed inside the harness (status {status})");
@@ -257,6 +280,7 @@ pub fn inner(a: InnerArgs) -> Result<()> {
     match a.what {
         Bench::Boot => inner_boot(a),
         Bench::Vsock => crate::bench_vsock::inner(&a),
+        Bench::Fs => crate::bench_fs::inner(&a),
         Bench::Agent => bail!("bench agent runs on the host, not inside the harness"),
     }
 }

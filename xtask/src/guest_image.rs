@@ -93,6 +93,16 @@ pub fn prepare_release() -> Result<GuestImage> {
 /// the kernel unpacks both): `/fixtures/busybox/{rootfs,config.json}`, built first by
 /// `tests/fixtures/build.sh`. For the guest container suite; returns its path.
 pub fn fixtures_initramfs(image: &GuestImage) -> Result<PathBuf> {
+    fixtures_initramfs_with(image, "initramfs-fixtures.cpio", &[])
+}
+
+/// [`fixtures_initramfs`] plus `extra` executables, each `(path in the guest, host file)` with its
+/// directory made; written as `name` beside the guest image's initramfs.
+pub fn fixtures_initramfs_with(
+    image: &GuestImage,
+    name: &str,
+    extra: &[(&str, &Path)],
+) -> Result<PathBuf> {
     let root = crate::cargo::root();
     let fixtures = root.join("target/fixtures");
     let status = std::process::Command::new("bash")
@@ -104,12 +114,19 @@ pub fn fixtures_initramfs(image: &GuestImage) -> Result<PathBuf> {
         status.success(),
         "tests/fixtures/build.sh failed ({status})"
     );
-    let out = image.initramfs.with_file_name("initramfs-fixtures.cpio");
+    let out = image.initramfs.with_file_name(name);
     let mut data = std::fs::read(&image.initramfs)
         .with_context(|| format!("read {}", image.initramfs.display()))?;
     let mut w = hull_guest_image::cpio::Writer::new(Vec::new());
     w.dir("fixtures", 0o755)?;
     add_tree(&mut w, &fixtures.join("busybox"), "fixtures/busybox")?;
+    for (dest, src) in extra {
+        if let Some((dir, _)) = dest.rsplit_once('/') {
+            w.dir(dir, 0o755)?;
+        }
+        let bytes = std::fs::read(src).with_context(|| format!("read {}", src.display()))?;
+        w.file(dest, 0o755, &bytes)?;
+    }
     data.extend_from_slice(&w.finish()?);
     let tmp = out.with_extension("tmp");
     std::fs::write(&tmp, &data)?;

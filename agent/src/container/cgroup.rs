@@ -150,6 +150,25 @@ pub fn remove_parent(parent: &str) {
     }
 }
 
+/// Makes the ancestors of cgroups path `path` on a cgroup v2 host (not the container's own
+/// cgroup). libcgroups creates each missing level with a plain `mkdir` and fails on EEXIST, so
+/// two containers created at once under a parent that did not exist yet raced (one failed with
+/// "failed to create dir /sys/fs/cgroup/hull: File exists"); `create_dir_all` takes the race.
+/// libcgroups still enables the controllers on levels that exist. On v1 (libcgroups uses
+/// `create_dir_all` there) nothing is needed.
+pub fn prepare_ancestors(path: &Path) -> io::Result<()> {
+    let root = Path::new("/sys/fs/cgroup");
+    if !root.join("cgroup.controllers").exists() {
+        return Ok(());
+    }
+    match path.strip_prefix("/").unwrap_or(path).parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => {
+            std::fs::create_dir_all(root.join(parent))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A container's statistics, in the API's units.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {

@@ -341,6 +341,12 @@ impl Containers {
         spec.save(bundle.join("config.json"))
             .map_err(|e| internal(format!("write {}/config.json: {e}", bundle.display())))?;
 
+        cgroup::prepare_ancestors(&cgroup_path).map_err(|e| {
+            internal(format!(
+                "create the parent cgroup of {}: {e}",
+                cgroup_path.display()
+            ))
+        })?;
         let io = self.stdio(id, terminal, stdin)?;
         let console_socket = io.console.as_ref().map(|(_, p)| p.clone());
         let init = self

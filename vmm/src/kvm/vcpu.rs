@@ -156,6 +156,30 @@ impl Vcpu {
             .map_err(|e| VcpuError::Spawn(index, e))
     }
 
+    /// Logs where the vCPU was when the guest triple-faulted: the one clue such a death leaves.
+    fn log_fault_state(&self) {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => tracing::error!(
+                vcpu = self.index,
+                rip = format_args!("{:#x}", r.rip),
+                rsp = format_args!("{:#x}", r.rsp),
+                rflags = format_args!("{:#x}", r.rflags),
+                cr0 = format_args!("{:#x}", s.cr0),
+                cr2 = format_args!("{:#x}", s.cr2),
+                cr3 = format_args!("{:#x}", s.cr3),
+                cr4 = format_args!("{:#x}", s.cr4),
+                idt = format_args!("{:#x}/{:#x}", s.idt.base, s.idt.limit),
+                "guest triple-faulted: vCPU state at the shutdown exit"
+            ),
+            (r, s) => tracing::error!(
+                vcpu = self.index,
+                regs_ok = r.is_ok(),
+                sregs_ok = s.is_ok(),
+                "guest triple-faulted; its registers cannot be read"
+            ),
+        }
+    }
+
     fn run(&mut self, stop: &AtomicBool) -> Result<(), VcpuError> {
         let index = self.index;
         while !stop.load(Ordering::Acquire) {
@@ -183,6 +207,7 @@ impl Vcpu {
                     return Ok(());
                 }
                 Ok(VcpuExit::Shutdown) => {
+                    self.log_fault_state();
                     self.exit.exit(ExitReason::TripleFault);
                     return Ok(());
                 }

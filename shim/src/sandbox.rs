@@ -1,0 +1,389 @@
+//! One sandbox (pod): its directory under the state dir, the shared directory, virtiofsd, the
+//! `hull-vmm` child process, its host cgroup, and the agent client; started once, torn down once.
+//!
+//! Layout of `<state_dir>/<sandbox id>/`:
+//! - `shared/`: what virtiofsd serves as tag [`SHARED_TAG`]; a mount point of its own
+//!   (a bind of itself, made shared) so that rootfs mounts made under it after virtiofsd started
+//!   propagate into virtiofsd's mount namespace. The guest sees it at `/run/hull/shared`.
+//!   Container `C` gets `shared/C/rootfs` and `shared/C/mounts/N`;
+//! - `vsock.sock`: hull-vmm's hybrid-vsock socket (the agent is at port 1024 behind it);
+//! - `virtiofsd.sock`, `vmm.pid`, `virtiofsd.pid`: for `delete` after the shim died.
+//!
+//! hull-vmm runs as a child process, not in the shim's address space: a VMM crash (or a
+//! `kill -9` of it) is then something the shim sees and reports as the tasks' exit, the VMM can be
+//! confined on its own, and its vCPU threads never share the shim's runtime.
+
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use hull_agent_api::client::{connect_watching, process_alive, AgentClient, Target};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+use crate::config::{Config, SharedFsMode, Sizing};
+use crate::mount;
+
+/// The virtio-fs tag of the sandbox's share.
+pub const SHARED_TAG: &str = "hullshared";
+/// Where the agent mounts the share in the guest.
+pub const GUEST_SHARED: &str = "/run/hull/shared";
+
+/// A sandbox could not be started or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A file system step failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// The step.
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A helper process could not be started.
+    #[error("cannot start {program} ({path}): {source}")]
+    Spawn {
+        /// virtiofsd or hull-vmm.
+        program: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// virtiofsd did not come up.
+    #[error("virtiofsd ({path}) did not start: {why}")]
+    Virtiofsd {
+        /// Its path.
+        path: PathBuf,
+        /// What happened (its log).
+        why: String,
+    },
+    /// The VM never got to a working agent.
+    #[error("the sandbox VM did not come up: {why}")]
+    Boot {
+        /// What the client and hull-vmm said.
+        why: String,
+    },
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SandboxError + 'a {
+    move |source| SandboxError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A running sandbox.
+pub struct Sandbox {
+    /// Its id (the sandbox container's id, or a standalone container's).
+    pub id: String,
+    /// `<state_dir>/<id>`.
+    pub dir: PathBuf,
+    /// The host side of the share (`dir/shared`); `None` with shared_fs mode "none".
+    pub shared: Option<PathBuf>,
+    /// The VMM's pid.
+    pub vmm_pid: u32,
+    /// Set once hull-vmm has ended: its exit status as text.
+    pub vmm_exit: watch::Receiver<Option<String>>,
+    virtiofsd: Option<Child>,
+    /// The agent.
+    pub agent: AgentClient,
+    /// The guest's kernel release, as the agent reported it.
+    pub kernel_release: String,
+}
+
+/// The guest's kernel command line for a sandbox.
+fn cmdline(cfg: &Config, shared: bool) -> String {
+    let mut c = String::from("console=ttyS0 reboot=k panic=-1 pci=off");
+    c.push_str(if cfg.hypervisor.debug_console {
+        " hull.debug"
+    } else {
+        " quiet"
+    });
+    if shared {
+        c.push_str(&format!(" agent.shared_fs={SHARED_TAG}"));
+    }
+    if !cfg.hypervisor.kernel_params.is_empty() {
+        c.push(' ');
+        c.push_str(&cfg.hypervisor.kernel_params);
+    }
+    c
+}
+
+/// The directory of sandbox `id`.
+pub fn sandbox_dir(cfg: &Config, id: &str) -> PathBuf {
+    cfg.runtime.state_dir.join(id)
+}
+
+impl Sandbox {
+    /// Starts sandbox `id` sized `size`: directories, virtiofsd, hull-vmm, then waits for the
+    /// agent. On failure everything started is stopped again.
+    pub async fn start(cfg: &Config, id: &str, size: Sizing) -> Result<Self, SandboxError> {
+        let dir = sandbox_dir(cfg, id);
+        std::fs::create_dir_all(&dir).map_err(io("create the sandbox directory", &dir))?;
+        let mut fsd = None;
+        let mut shared = None;
+        let result = Self::start_in(cfg, id, size, &dir, &mut fsd, &mut shared).await;
+        if result.is_err() {
+            if let Some(mut f) = fsd {
+                let _ = f.start_kill();
+                let _ = f.wait().await;
+            }
+            cleanup_dir(&dir);
+        }
+        result
+    }
+
+    async fn start_in(
+        cfg: &Config,
+        id: &str,
+        size: Sizing,
+        dir: &Path,
+        fsd_slot: &mut Option<Child>,
+        shared_slot: &mut Option<PathBuf>,
+    ) -> Result<Self, SandboxError> {
+        let use_fs = cfg.shared_fs.mode == SharedFsMode::VirtioFs;
+        let fs_socket = dir.join("virtiofsd.sock");
+        if use_fs {
+            let shared = dir.join("shared");
+            std::fs::create_dir_all(&shared).map_err(io("create the shared directory", &shared))?;
+            mount::make_shared_mountpoint(&shared)
+                .map_err(io("make a shared mount point of", &shared))?;
+            *shared_slot = Some(shared.clone());
+            *fsd_slot = Some(start_virtiofsd(cfg, dir, &shared, &fs_socket).await?);
+        }
+        let uds = dir.join("vsock.sock");
+        let vmm_bin = &cfg.hypervisor.path;
+        let mut cmd = Command::new(vmm_bin);
+        cmd.arg("--kernel")
+            .arg(&cfg.hypervisor.kernel)
+            .arg("--initrd")
+            .arg(&cfg.hypervisor.initrd)
+            .args(["--vcpus", &size.vcpus.to_string()])
+            .args(["--memory", &size.memory_mib.to_string()])
+            .args(["--cmdline", &cmdline(cfg, use_fs)])
+            .arg("--vsock-uds")
+            .arg(&uds)
+            .stdin(Stdio::null())
+            // The shim's stderr is containerd's shim log: the VMM's complaints go there, and
+            // the console too when debugging.
+            .stderr(Stdio::inherit());
+        if cfg.hypervisor.debug_console {
+            cmd.args(["--console", "stdout"]).stdout(Stdio::from(
+                std::io::stderr()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(io("duplicate stderr for", vmm_bin))?,
+            ));
+        } else {
+            cmd.args(["--console", "off"]).stdout(Stdio::null());
+        }
+        if use_fs {
+            cmd.arg("--fs")
+                .arg(format!("tag={SHARED_TAG},socket={}", fs_socket.display()));
+        }
+        die_with_the_shim(&mut cmd);
+        let vmm = cmd.spawn().map_err(|source| SandboxError::Spawn {
+            program: "hull-vmm",
+            path: vmm_bin.clone(),
+            source,
+        })?;
+        let pid = vmm.id().unwrap_or(0);
+        let _ = std::fs::write(dir.join("vmm.pid"), pid.to_string());
+        let target = Target::HybridVsock {
+            uds,
+            port: hull_agent_api::DEFAULT_AGENT_PORT,
+        };
+        let deadline = Instant::now() + Duration::from_secs(cfg.runtime.agent_timeout);
+        let mut vmm = vmm;
+        let agent = match connect_watching(&target, deadline, process_alive(pid)).await {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = vmm.start_kill();
+                let status = vmm.wait().await.ok();
+                return Err(SandboxError::Boot {
+                    why: format!(
+                        "{e}{}",
+                        status
+                            .map(|s| format!(
+                                "; hull-vmm ended: {s} (its words are in the shim log)"
+                            ))
+                            .unwrap_or_default()
+                    ),
+                });
+            }
+        };
+        let kernel_release = agent
+            .guest_details()
+            .await
+            .map(|d| d.kernel_release)
+            .unwrap_or_default();
+        // One task owns the child and reports its end to whoever watches.
+        let (tx, vmm_exit) = watch::channel(None);
+        tokio::spawn(async move {
+            let st = vmm.wait().await;
+            let text = match st {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("unknown ({e})"),
+            };
+            tracing::info!(pid, status = %text, "hull-vmm ended");
+            let _ = tx.send(Some(text));
+        });
+        Ok(Self {
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+            shared: shared_slot.take(),
+            vmm_pid: pid,
+            vmm_exit,
+            virtiofsd: fsd_slot.take(),
+            agent,
+            kernel_release,
+        })
+    }
+
+    /// Powers the guest off (the agent syncs and unmounts), waits for hull-vmm (killing it if
+    /// it does not end within `grace`), stops virtiofsd, and removes the sandbox directory.
+    pub async fn stop(mut self, grace: Duration) {
+        if self.vmm_exit.borrow().is_none() {
+            let _ = tokio::time::timeout(grace, self.agent.destroy_sandbox()).await;
+            let mut exit = self.vmm_exit.clone();
+            if tokio::time::timeout(grace, exit.wait_for(Option::is_some))
+                .await
+                .is_err()
+            {
+                self.kill_vmm();
+                let _ = exit.wait_for(Option::is_some).await;
+            }
+        }
+        if let Some(mut f) = self.virtiofsd.take() {
+            let _ = f.start_kill();
+            let _ = f.wait().await;
+        }
+        cleanup_dir(&self.dir);
+    }
+}
+
+impl Sandbox {
+    /// Whether hull-vmm is still running.
+    pub fn vmm_alive(&self) -> bool {
+        self.vmm_exit.borrow().is_none()
+    }
+
+    /// SIGKILLs hull-vmm (while it has not been reaped, its pid is still ours).
+    pub fn kill_vmm(&self) {
+        if self.vmm_alive() && self.vmm_pid > 1 {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe { libc::kill(self.vmm_pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Starts virtiofsd on `shared`, waiting until its socket is there (or it died).
+async fn start_virtiofsd(
+    cfg: &Config,
+    dir: &Path,
+    shared: &Path,
+    socket: &Path,
+) -> Result<Child, SandboxError> {
+    let bin = &cfg.shared_fs.virtiofsd;
+    let log_path = dir.join("virtiofsd.log");
+    let log = std::fs::File::create(&log_path).map_err(io("create", &log_path))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg(format!("--socket-path={}", socket.display()))
+        .arg(format!("--shared-dir={}", shared.display()))
+        .arg(format!("--cache={}", cfg.shared_fs.cache))
+        .args(["--sandbox=namespace", "--log-level=error"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true);
+    die_with_the_shim(&mut cmd);
+    let mut child = cmd.spawn().map_err(|source| SandboxError::Spawn {
+        program: "virtiofsd",
+        path: bin.clone(),
+        source,
+    })?;
+    let _ = std::fs::write(
+        dir.join("virtiofsd.pid"),
+        child.id().unwrap_or(0).to_string(),
+    );
+    // It creates the socket once it listens; watch for it, and for an early death.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut pause = Duration::from_micros(200);
+    while !socket.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(SandboxError::Virtiofsd {
+                path: bin.clone(),
+                why: format!(
+                    "it exited ({status}): {}",
+                    std::fs::read_to_string(&log_path)
+                        .unwrap_or_default()
+                        .trim()
+                ),
+            });
+        }
+        if Instant::now() > deadline {
+            let _ = child.start_kill();
+            return Err(SandboxError::Virtiofsd {
+                path: bin.clone(),
+                why: "no socket after 10 s".into(),
+            });
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+    Ok(child)
+}
+
+/// The child gets SIGKILL when the shim dies (PR_SET_PDEATHSIG; the shim runs one thread, the
+/// one that spawns, so "the parent thread died" is "the shim died"). A `kill -9` of the shim
+/// then leaves no VM behind, and `delete` only has mounts and directories to clean.
+fn die_with_the_shim(cmd: &mut Command) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Unmounts whatever is left under the sandbox directory and removes it.
+pub fn cleanup_dir(dir: &Path) {
+    mount::unmount_all_under(dir);
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %dir.display(), "cannot remove the sandbox directory: {e}");
+        }
+    }
+}
+
+/// What `delete` does when the shim is gone: kill the sandbox's processes (by their pid files,
+/// checking they still are what we started) and remove its directory.
+pub fn force_cleanup(cfg: &Config, id: &str) {
+    let dir = sandbox_dir(cfg, id);
+    for (file, name) in [("vmm.pid", "hull-vmm"), ("virtiofsd.pid", "virtiofsd")] {
+        let Some(pid) = std::fs::read_to_string(dir.join(file))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .filter(|&p| p > 1)
+        else {
+            continue;
+        };
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+        if exe
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(name))
+        {
+            // SAFETY: kill(2) with a pid we checked is the process we started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    cleanup_dir(&dir);
+}
