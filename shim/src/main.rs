@@ -14,6 +14,7 @@
 mod cli;
 mod config;
 mod events;
+mod hostcg;
 mod io;
 mod mount;
 mod sandbox;

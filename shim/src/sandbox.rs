@@ -23,6 +23,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
 use crate::config::{Config, SharedFsMode, Sizing};
+use crate::hostcg::HostCgroup;
 use crate::mount;
 
 /// The virtio-fs tag of the sandbox's share.
@@ -89,11 +90,13 @@ pub struct Sandbox {
     pub vmm_pid: u32,
     /// Set once hull-vmm has ended: its exit status as text.
     pub vmm_exit: watch::Receiver<Option<String>>,
-    virtiofsd: Option<Child>,
+    virtiofsd: std::sync::Mutex<Option<Child>>,
     /// The agent.
     pub agent: AgentClient,
     /// The guest's kernel release, as the agent reported it.
     pub kernel_release: String,
+    /// The sandbox's host cgroup (shim, hull-vmm, virtiofsd).
+    cgroup: std::sync::Mutex<Option<HostCgroup>>,
 }
 
 /// The guest's kernel command line for a sandbox.
@@ -125,17 +128,28 @@ impl Sandbox {
     pub async fn start(cfg: &Config, id: &str, size: Sizing) -> Result<Self, SandboxError> {
         let dir = sandbox_dir(cfg, id);
         std::fs::create_dir_all(&dir).map_err(io("create the sandbox directory", &dir))?;
+        // The shim joins the sandbox's cgroup first: what it spawns starts in there.
+        let cgroup = HostCgroup::create(id, &[]);
         let mut fsd = None;
         let mut shared = None;
         let result = Self::start_in(cfg, id, size, &dir, &mut fsd, &mut shared).await;
-        if result.is_err() {
-            if let Some(mut f) = fsd {
-                let _ = f.start_kill();
-                let _ = f.wait().await;
+        match result {
+            Ok(sb) => {
+                *sb.cgroup.lock().unwrap_or_else(|e| e.into_inner()) = cgroup;
+                Ok(sb)
             }
-            cleanup_dir(&dir);
+            Err(e) => {
+                if let Some(mut f) = fsd {
+                    let _ = f.start_kill();
+                    let _ = f.wait().await;
+                }
+                cleanup_dir(&dir);
+                if let Some(cg) = cgroup {
+                    cg.remove();
+                }
+                Err(e)
+            }
         }
-        result
     }
 
     async fn start_in(
@@ -239,15 +253,16 @@ impl Sandbox {
             shared: shared_slot.take(),
             vmm_pid: pid,
             vmm_exit,
-            virtiofsd: fsd_slot.take(),
+            virtiofsd: std::sync::Mutex::new(fsd_slot.take()),
             agent,
             kernel_release,
+            cgroup: std::sync::Mutex::new(None),
         })
     }
 
     /// Powers the guest off (the agent syncs and unmounts), waits for hull-vmm (killing it if
     /// it does not end within `grace`), stops virtiofsd, and removes the sandbox directory.
-    pub async fn stop(mut self, grace: Duration) {
+    pub async fn stop(&self, grace: Duration) {
         if self.vmm_exit.borrow().is_none() {
             let _ = tokio::time::timeout(grace, self.agent.destroy_sandbox()).await;
             let mut exit = self.vmm_exit.clone();
@@ -259,11 +274,20 @@ impl Sandbox {
                 let _ = exit.wait_for(Option::is_some).await;
             }
         }
-        if let Some(mut f) = self.virtiofsd.take() {
+        let fsd = self
+            .virtiofsd
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut f) = fsd {
             let _ = f.start_kill();
             let _ = f.wait().await;
         }
         cleanup_dir(&self.dir);
+        let cg = self.cgroup.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(cg) = cg {
+            cg.remove();
+        }
     }
 }
 

@@ -46,6 +46,11 @@ fn log_to_fifo() {
 /// Serves until Shutdown.
 pub fn serve(args: &Args) -> Result<()> {
     log_to_fifo();
+    // The socket `start` bound for this sandbox (the bundle may be gone when we exit).
+    let socket = std::env::current_dir()
+        .ok()
+        .and_then(|b| crate::start::group_of(&b, &args.id).ok())
+        .map(|(group, _)| crate::start::socket_path(&args.address, &args.namespace, &group));
     let level = if args.debug { "debug" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -91,5 +96,12 @@ pub fn serve(args: &Args) -> Result<()> {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), server.shutdown()).await;
         tracing::info!("shim exits");
         Ok::<_, anyhow::Error>(())
-    })
+    })?;
+    // Our socket goes with us (`start` made it for this sandbox).
+    if let Some(s) = socket {
+        let _ = std::fs::remove_file(s);
+    }
+    // Not a runtime drop: that would wait for blocking tasks (a stdin FIFO open that never
+    // completes, a logger being reaped).
+    std::process::exit(0)
 }

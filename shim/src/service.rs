@@ -495,24 +495,7 @@ impl Service {
         let sb = self.state().sandbox.take();
         if let Some(sb) = sb {
             let id = sb.id.clone();
-            match Arc::try_unwrap(sb) {
-                Ok(sb) => sb.stop(Duration::from_secs(10)).await,
-                Err(sb) => {
-                    // Still referenced by a watcher: stop it by hand.
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(10), sb.agent.destroy_sandbox())
-                            .await;
-                    let mut exit = sb.vmm_exit.clone();
-                    if tokio::time::timeout(Duration::from_secs(10), exit.wait_for(Option::is_some))
-                        .await
-                        .is_err()
-                    {
-                        sb.kill_vmm();
-                        let _ = exit.wait_for(Option::is_some).await;
-                    }
-                    crate::sandbox::cleanup_dir(&sb.dir);
-                }
-            }
+            sb.stop(Duration::from_secs(10)).await;
             tracing::info!(sandbox = %id, "sandbox VM stopped");
         }
     }
@@ -1021,9 +1004,14 @@ impl Task for Service {
             return Ok(Empty::new());
         }
         let pump = self.with_proc(&req.id, &req.exec_id, |p, _| Ok(p.stdin_pump.take()))?;
-        // The pump ends on its own when the FIFO's writer closes; CloseIO says it is over now.
-        if let Some(h) = pump {
-            if !h.is_finished() {
+        // containerd closed its end of the stdin FIFO before calling this: the pump drains what
+        // is left, sees the end and closes the process's stdin. Only a pump still stuck (a FIFO
+        // nobody ever opened) is cut short.
+        if let Some(mut h) = pump {
+            if tokio::time::timeout(Duration::from_secs(30), &mut h)
+                .await
+                .is_err()
+            {
                 h.abort();
                 io::close_stdin(&self.agent()?, &req.id, &req.exec_id).await;
             }

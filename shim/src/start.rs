@@ -34,7 +34,7 @@ use crate::spec::{self, Role};
 const MAX_SOCKET_PATH: usize = 107;
 
 /// The sandbox the container in `bundle` belongs to.
-fn group_of(bundle: &Path, id: &str) -> Result<(String, Role)> {
+pub fn group_of(bundle: &Path, id: &str) -> Result<(String, Role)> {
     let s = spec::load(bundle)?;
     let role = spec::role(&spec::annotations(&s));
     let group = match &role {
@@ -152,6 +152,11 @@ pub fn delete(args: &Args) -> Result<()> {
             .join(&args.id);
         crate::mount::unmount_all_under(&dir);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+    // The dead shim's socket, unless a shim still serves there (a pod's other containers).
+    let socket = socket_path(&args.address, &args.namespace, &group);
+    if UnixStream::connect(&socket).is_err() {
+        let _ = std::fs::remove_file(&socket);
     }
     let mut r = DeleteResponse::new();
     r.exit_status = 128 + libc::SIGKILL as u32;

@@ -5,6 +5,7 @@
 //! with `--features guest` and runs them inside the nested-KVM harness (or directly on a
 //! hardware-KVM host).
 
+pub mod containerd;
 pub mod containers;
 pub mod virtiofsd;
 

@@ -6,7 +6,7 @@
 //! `HULL_GUEST_READY` line is read from its console, and to the VMM's exit (the guest powers off
 //! right after the marker). Peak RSS comes from `wait4`.
 //!
-//! `cargo xtask bench vsock` is in `bench_vsock`, `cargo xtask bench fs` in `bench_fs`; `cargo xtask bench agent` (containers through the
+//! `cargo xtask bench vsock` is in `bench_vsock`, `cargo xtask bench fs` in `bench_fs`, `cargo xtask bench ctr` in `bench_ctr`; `cargo xtask bench agent` (containers through the
 //! host-mode agent beside runc, on this host, no harness) is in `bench_agent`.
 
 use std::io::{BufRead, BufReader};
@@ -66,6 +66,8 @@ pub enum Bench {
     Agent,
     /// File system workload in a guest over virtio-fs and virtio-blk, beside L1's own.
     Fs,
+    /// `ctr run --rm … true` with Hull's shim beside runc's, through one containerd.
+    Ctr,
 }
 
 /// Arguments of the part that runs where KVM boots guests (inside L1).
@@ -132,6 +134,12 @@ pub fn run(args: Args) -> Result<()> {
         )?;
         extra = vec!["--fsbench".into(), fsbench.display().to_string()];
     }
+    if args.what == Bench::Ctr {
+        let mut c = cargo::cargo();
+        c.args(["build", "--release", "-p", "hull-shim"]);
+        cargo::run(c)?;
+        hull_tests::containers::fixtures();
+    }
     let kernel = match args.kernel {
         KernelKind::Elf => img.vmlinux,
         KernelKind::Bzimage => img.vmlinuz,
@@ -146,6 +154,7 @@ pub fn run(args: Args) -> Result<()> {
             Bench::Boot => "boot",
             Bench::Vsock => "vsock",
             Bench::Fs => "fs",
+            Bench::Ctr => "ctr",
             Bench::Agent => unreachable!("bench agent runs on the host"),
         }
         .into(),
@@ -281,6 +290,7 @@ pub fn inner(a: InnerArgs) -> Result<()> {
         Bench::Boot => inner_boot(a),
         Bench::Vsock => crate::bench_vsock::inner(&a),
         Bench::Fs => crate::bench_fs::inner(&a),
+        Bench::Ctr => crate::bench_ctr::inner(&a),
         Bench::Agent => bail!("bench agent runs on the host, not inside the harness"),
     }
 }

@@ -16,7 +16,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "util-linux",      // setpriv, used by the guest tests
     "libseccomp-dev",  // the agent's seccomp support (later issues)
     "libcap-ng-dev",   // virtiofsd
-    "runc",            // the agent benchmark's peer (cargo xtask bench agent)
+    "runc",            // the agent benchmark's peer (cargo xtask bench agent), and ctr's
+    "containerd",      // the shim's daemon (cargo xtask run, the shim tests, bench ctr)
 ];
 
 fn installed(pkg: &str) -> bool {

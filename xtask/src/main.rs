@@ -4,6 +4,7 @@
 mod agent_vm;
 mod bench;
 mod bench_agent;
+mod bench_ctr;
 mod bench_fs;
 mod bench_vsock;
 mod cargo;

@@ -1,66 +1,68 @@
-//! `cargo xtask run`: the main job on a fresh machine. Installs what is missing, builds Hull, the
-//! guest image and the busybox fixtures, and boots the guest under `hull-vmm` — inside the
-//! nested-KVM harness when the host has no hardware KVM — with the busybox rootfs in its
-//! initramfs; then talks to its agent over hybrid vsock exactly as the shim will (`Check`,
-//! `GetGuestDetails`), runs a busybox container in the guest from an OCI runtime spec
-//! (`CreateContainer`, `StartContainer`, `ReadStdout`, `WaitProcess`, `RemoveContainer`), prints
-//! its output, and ends the VM with `DestroySandbox`. (The containerd shim will replace the
-//! direct agent calls with `ctr run`.)
+//! `cargo xtask run`: the main job on a fresh machine. Installs what is missing (Debian's
+//! containerd and runc included), builds Hull (release: hull-vmm, the shim), the guest image and
+//! the busybox fixtures (an OCI image), then — inside the nested-KVM harness when the host has no
+//! hardware KVM — starts a private containerd (state under `/run/hull-run-<pid>`) unless
+//! `--address` names one, imports the busybox image, and runs
+//! `ctr run --rm --runtime io.containerd.kata.v2 hull.test/busybox:latest … uname -r`: the guest
+//! kernel's release comes back, proof that the container ran in the microVM.
 
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use hull_tests::containerd::{Containerd, HullPaths, BUSYBOX_IMAGE, HULL_RUNTIME};
 
 use crate::{cargo, guest_image, harness};
 
 /// Arguments of `cargo xtask run`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// vCPUs of the guest.
-    #[arg(long, default_value_t = 2)]
-    pub vcpus: u8,
-    /// Guest RAM, MiB.
-    #[arg(long, default_value_t = 512)]
-    pub memory: u32,
-    /// Show the guest's full kernel log.
+    /// Use this containerd (its socket) instead of a private one. Its shims must find
+    /// `containerd-shim-kata-v2` on their PATH and Hull's configuration (`/etc/hull/config.toml`
+    /// or `$HULL_CONF_FILE`).
+    #[arg(long)]
+    pub address: Option<PathBuf>,
+    /// The guest console and the agent's debug log go to containerd's log.
     #[arg(long)]
     pub debug: bool,
+    /// The command to run in the container.
+    #[arg(last = true)]
+    pub cmd: Vec<String>,
 }
 
 /// Runs the main job.
 pub fn run(args: Args) -> Result<()> {
     let img = guest_image::prepare_release()?;
-    let initrd = guest_image::fixtures_initramfs(&img)?;
-    let spec = cargo::root().join("target/fixtures/busybox/config.json");
+    let mut c = cargo::cargo();
+    c.args(["build", "--release", "-p", "hull-shim"]);
+    cargo::run(c)?;
+    hull_tests::containers::fixtures();
     let host = hull_harness::detect();
     if host.needs_l1() {
-        println!("xtask run: this host has no hardware KVM ({host:?}): booting the guest inside the nested-KVM harness");
+        println!("xtask run: this host has no hardware KVM ({host:?}): running containerd and the microVM inside the nested-KVM harness");
     }
     let mut cmd: Vec<String> = vec![
         std::env::current_exe()?.display().to_string(),
         "run-inner".into(),
-        "--vmm".into(),
-        cargo::root()
-            .join("target/release/hull-vmm")
-            .display()
-            .to_string(),
         "--kernel".into(),
         img.vmlinux.display().to_string(),
         "--initrd".into(),
-        initrd.display().to_string(),
-        "--spec".into(),
-        spec.display().to_string(),
-        "--vcpus".into(),
-        args.vcpus.to_string(),
-        "--memory".into(),
-        args.memory.to_string(),
+        img.initramfs.display().to_string(),
     ];
+    if let Some(a) = &args.address {
+        cmd.push("--address".into());
+        cmd.push(a.display().to_string());
+    }
     if args.debug {
         cmd.push("--debug".into());
     }
+    if !args.cmd.is_empty() {
+        cmd.push("--".into());
+        cmd.extend(args.cmd.iter().cloned());
+    }
     let status = harness::run_commands(&[cmd], &harness::options(Duration::from_secs(900)))?;
     if status != 0 {
-        bail!("hull-vmm failed (status {status})");
+        bail!("the container did not run (status {status})");
     }
     Ok(())
 }
@@ -68,116 +70,102 @@ pub fn run(args: Args) -> Result<()> {
 /// Arguments of the part that runs where guests boot.
 #[derive(clap::Args)]
 pub struct InnerArgs {
-    /// hull-vmm binary.
+    /// Guest kernel.
     #[arg(long)]
-    vmm: std::path::PathBuf,
-    /// Kernel image.
+    kernel: PathBuf,
+    /// Guest initramfs.
     #[arg(long)]
-    kernel: std::path::PathBuf,
-    /// Initramfs.
+    initrd: PathBuf,
+    /// An existing containerd.
     #[arg(long)]
-    initrd: std::path::PathBuf,
-    /// vCPUs.
-    #[arg(long)]
-    vcpus: u8,
-    /// RAM, MiB.
-    #[arg(long)]
-    memory: u32,
-    /// Full guest kernel log.
+    address: Option<PathBuf>,
+    /// Debug console.
     #[arg(long)]
     debug: bool,
-    /// The fixture's OCI runtime spec (its rootfs is at /fixtures/busybox/rootfs in the guest).
-    #[arg(long)]
-    spec: std::path::PathBuf,
+    /// The command.
+    #[arg(last = true)]
+    cmd: Vec<String>,
 }
 
-/// Where the initramfs puts the busybox rootfs.
-const GUEST_ROOTFS: &str = "/fixtures/busybox/rootfs";
-
-/// Runs one container through the agent: its output and exit status.
-async fn run_container(
-    client: &hull_agent_api::client::AgentClient,
-    spec_path: &std::path::Path,
-) -> Result<(String, i32)> {
-    use hull_agent_api::agent;
-    let mut spec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(spec_path)?)?;
-    spec["process"]["args"] = serde_json::json!([
-        "sh",
-        "-c",
-        "echo \"hello from a container in a Hull microVM: $(hostname), kernel $(uname -r), \
-         pid $$, uid $(id -u)\""
-    ]);
-    let raw = client.raw();
-    let ctx = || hull_agent_api::ttrpc::context::with_timeout(120_000_000_000);
-    let id = "hello".to_owned();
-    let mut create = agent::CreateContainerRequest::new();
-    create.container_id = id.clone();
-    create.spec_json = spec.to_string();
-    create.rootfs = GUEST_ROOTFS.into();
-    raw.create_container(ctx(), &create).await?;
-    let mut c = agent::ContainerRequest::new();
-    c.container_id = id.clone();
-    raw.start_container(ctx(), &c).await?;
-    let mut read = agent::ReadStreamRequest::new();
-    read.container_id = id.clone();
-    read.len = 65536;
-    let mut out = Vec::new();
-    loop {
-        let chunk = raw.read_stdout(ctx(), &read).await?.data;
-        if chunk.is_empty() {
-            break;
-        }
-        out.extend_from_slice(&chunk);
-    }
-    let mut p = agent::ProcessRequest::new();
-    p.container_id = id.clone();
-    let status = raw.wait_process(ctx(), &p).await?.status;
-    let mut rm = agent::RemoveContainerRequest::new();
-    rm.container_id = id;
-    raw.remove_container(ctx(), &rm).await?;
-    Ok((String::from_utf8_lossy(&out).into_owned(), status))
-}
-
-/// Boots, talks to the agent, destroys the sandbox.
+/// Starts (or uses) containerd, imports busybox, runs the container.
 pub fn inner(a: InnerArgs) -> Result<()> {
-    let cmdline = format!(
-        "console=ttyS0 reboot=k panic=-1 pci=off {}",
-        if a.debug { "hull.debug" } else { "quiet" }
-    );
-    let start = std::time::Instant::now();
-    let mut vm = crate::agent_vm::AgentVm::spawn(
-        &a.vmm, &a.kernel, &a.initrd, a.vcpus, a.memory, &cmdline, true,
-    )?;
-    println!(
-        "xtask run: hull-vmm started (pid {}), waiting for the agent over hybrid vsock",
-        vm.pid()
-    );
-    let client = vm.wait_agent(Duration::from_secs(300))?;
-    let ready = start.elapsed();
-    let d = vm.block_on(client.guest_details())?;
-    println!(
-        "xtask run: agent ready after {:.2} s: kernel {}, {} vCPUs, {} KiB RAM, agent {}, guest uptime {} ms",
-        ready.as_secs_f64(),
-        d.kernel_release,
-        d.online_cpus,
-        d.mem_total_kib,
-        d.agent_version,
-        d.uptime_ms
-    );
-    let t = std::time::Instant::now();
-    let (output, status) = vm.block_on(run_container(&client, &a.spec))?;
-    print!("container> {output}");
-    println!(
-        "xtask run: container exited with status {status} ({:.2} s for create, start, run, wait, remove)",
-        t.elapsed().as_secs_f64()
-    );
-    if status != 0 {
-        bail!("the container failed (status {status})");
+    let root = cargo::root();
+    let paths = HullPaths {
+        shim_dir: root.join("target/release"),
+        vmm: root.join("target/release/hull-vmm"),
+        kernel: a.kernel.clone(),
+        initrd: a.initrd.clone(),
+        virtiofsd: hull_tests::virtiofsd::binary(),
+        debug: a.debug,
+    };
+    let t = Instant::now();
+    let ctd = match &a.address {
+        Some(addr) => Containerd::attach(addr),
+        None => {
+            let dir = PathBuf::from(format!("/run/hull-run-{}", std::process::id()));
+            let c = Containerd::start(&dir, &paths, true).map_err(anyhow::Error::msg)?;
+            println!(
+                "xtask run: private containerd {} up in {:.2} s (state in {})",
+                containerd_version(),
+                t.elapsed().as_secs_f64(),
+                dir.display()
+            );
+            c
+        }
+    };
+    let image = ctd.import_busybox().map_err(anyhow::Error::msg)?;
+    println!("xtask run: imported {image} (built from Debian's busybox-static)");
+    let mut args = vec![
+        "run",
+        "--rm",
+        "--runtime",
+        HULL_RUNTIME,
+        BUSYBOX_IMAGE,
+        "hull-demo",
+    ];
+    let default = ["uname", "-r"];
+    if a.cmd.is_empty() {
+        args.extend(default);
+    } else {
+        args.extend(a.cmd.iter().map(String::as_str));
     }
-    let (ok, stderr) = vm.destroy(&client)?;
-    print!("{stderr}");
-    if !ok {
-        bail!("hull-vmm did not exit cleanly after DestroySandbox");
+    println!("xtask run: ctr {}", args.join(" "));
+    let t = Instant::now();
+    let out = ctd
+        .ctr(&args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("run ctr")?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        eprintln!("containerd's log (tail):\n{}", tail(&ctd.log(), 30));
+        bail!("ctr run failed ({})", out.status);
     }
+    let host = std::process::Command::new("uname").arg("-r").output()?;
+    println!(
+        "xtask run: done in {:.2} s (VM boot, container, teardown); the host kernel is {}",
+        t.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(&host.stdout).trim()
+    );
     Ok(())
+}
+
+fn containerd_version() -> String {
+    std::process::Command::new("containerd")
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .nth(2)
+                .unwrap_or("?")
+                .to_string()
+        })
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -58,7 +58,7 @@ pub fn run(args: Args) -> Result<()> {
 
     if !args.host_only {
         let mut c = cargo::cargo();
-        c.args(["build", "-p", "hull-vmm"]);
+        c.args(["build", "-p", "hull-vmm", "-p", "hull-shim"]);
         cargo::run(c)?;
         let suites: Vec<_> = cargo::test_executables(&["-p", "hull-tests", "--features", "guest"])?
             .into_iter()

@@ -1,0 +1,540 @@
+//! The containerd shim end to end: Debian's containerd (a private instance under `/run`),
+//! `ctr` with `--runtime io.containerd.kata.v2`, Hull's shim from this workspace, and a VM per
+//! sandbox. Every case asserts what `ctr` printed and returned, and what is left on the machine.
+#![allow(clippy::tests_outside_test_module)] // an integration-test crate is all test code
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use hull_tests::containerd::{Containerd, HullPaths, BUSYBOX_IMAGE, HULL_RUNTIME};
+
+/// One containerd for the suite (the cases run one at a time).
+fn ctd() -> &'static Containerd {
+    static CTD: OnceLock<Containerd> = OnceLock::new();
+    CTD.get_or_init(|| {
+        let dir = PathBuf::from(format!("/run/hull-shim-test-{}", std::process::id()));
+        let paths = HullPaths {
+            vmm: hull_tests::vmm_bin(),
+            ..HullPaths::workspace("debug")
+        };
+        let c = Containerd::start(&dir, &paths, true).expect("containerd starts");
+        c.import_busybox().expect("the busybox image imports");
+        c
+    })
+}
+
+/// Serializes cases that look at the whole machine.
+fn machine() -> std::sync::MutexGuard<'static, ()> {
+    static M: Mutex<()> = Mutex::new(());
+    M.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `ctr run --rm --runtime io.containerd.kata.v2 <busybox> <id> ARGS`, stdin from `input`.
+fn ctr_run(id: &str, extra: &[&str], args: &[&str], input: Option<&[u8]>) -> Output {
+    let c = ctd();
+    let mut v = vec!["run", "--rm", "--runtime", HULL_RUNTIME];
+    v.extend_from_slice(extra);
+    v.extend_from_slice(&[BUSYBOX_IMAGE, id]);
+    v.extend_from_slice(args);
+    let mut cmd = c.ctr(&v);
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn ctr");
+    if let Some(data) = input {
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(data).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn assert_ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {:?}\nstdout: {}\nstderr: {}\ncontainerd: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr),
+        tail(&ctd().log(), 40)
+    );
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[test]
+fn run_prints_the_guest_kernel_and_echo_is_byte_exact() {
+    let _m = machine();
+    let out = ctr_run("echo1", &[], &["uname", "-r"], None);
+    assert_ok(&out, "ctr run uname -r");
+    assert_eq!(
+        text(&out.stdout),
+        format!("{}\n", hull_tests::guest_image().release)
+    );
+    let host = text(&Command::new("uname").arg("-r").output().unwrap().stdout);
+    assert_ne!(
+        text(&out.stdout),
+        host,
+        "uname ran on the host, not in the VM"
+    );
+
+    let payload = "tabs\there, spaces  and ünïcödé\\n no newline at the end";
+    let out = ctr_run("echo2", &[], &["printf", "%s", payload], None);
+    assert_ok(&out, "ctr run printf");
+    assert_eq!(text(&out.stdout), payload);
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn exit_codes_come_back() {
+    let _m = machine();
+    for (code, script) in [
+        (0, "exit 0"),
+        (3, "exit 3"),
+        (137, "sh -c 'kill -9 $$'; exit $?"),
+        (127, "no-such-cmd"),
+    ] {
+        let out = ctr_run(&format!("exit{code}"), &[], &["sh", "-c", script], None);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{script}: stderr {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn stdin_reaches_the_container_and_its_end_too() {
+    let _m = machine();
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let out = ctr_run(
+        "stdin1",
+        &[],
+        &["sh", "-c", "cat | wc -c; echo done"],
+        Some(&data),
+    );
+    assert_ok(&out, "ctr run with stdin");
+    assert_eq!(text(&out.stdout), "200000\ndone\n");
+}
+
+/// What Hull leaves on the machine: its processes, mounts, sockets, state.
+fn leftovers(c: &Containerd) -> Vec<String> {
+    let mut v = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read_to_string(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let first = cmd.split('\0').next().unwrap_or_default();
+        let name = Path::new(first)
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        if ["hull-vmm", "virtiofsd", "containerd-shim-kata-v2"].contains(&name.as_ref()) {
+            v.push(format!(
+                "process {}: {}",
+                entry.file_name().to_string_lossy(),
+                cmd.replace('\0', " ")
+            ));
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for l in mounts.lines() {
+        let point = l.split(' ').nth(4).unwrap_or_default();
+        if point.starts_with(&c.hull_state.display().to_string()) {
+            v.push(format!("mount {point}"));
+        }
+    }
+    if let Ok(d) = std::fs::read_dir(&c.hull_state) {
+        v.extend(d.flatten().map(|e| format!("state {}", e.path().display())));
+    }
+    if let Ok(d) = std::fs::read_dir("/sys/fs/cgroup/hull") {
+        v.extend(
+            d.flatten()
+                .map(|e| format!("cgroup {}", e.path().display())),
+        );
+    }
+    if let Ok(d) = std::fs::read_dir(c.dir.join("s")) {
+        v.extend(
+            d.flatten()
+                .map(|e| format!("socket {}", e.path().display())),
+        );
+    }
+    v
+}
+
+#[test]
+fn run_delete_cycles_leave_nothing_behind() {
+    let _m = machine();
+    let c = ctd();
+    let t = Instant::now();
+    for i in 0..20 {
+        let out = ctr_run(&format!("cycle{i}"), &[], &["true"], None);
+        assert_ok(&out, "ctr run true");
+    }
+    eprintln!("20 cycles in {:?}", t.elapsed());
+    let _ = c;
+    wait_clean();
+}
+
+/// A `ctr run --rm` in the background whose container printed `ready`.
+struct Running {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    id: String,
+}
+
+impl Running {
+    /// Starts `ctr run --rm … ID sh -c SCRIPT` and waits for its `ready` line.
+    fn start(id: &str, extra: &[&str], script: &str) -> Self {
+        use std::io::BufRead as _;
+        let c = ctd();
+        let mut v = vec!["run", "--rm", "--runtime", HULL_RUNTIME];
+        v.extend_from_slice(extra);
+        v.extend_from_slice(&[BUSYBOX_IMAGE, id, "sh", "-c", script]);
+        let mut child = c
+            .ctr(&v)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(
+            line,
+            "ready\n",
+            "{id} did not start: {:?}",
+            child.try_wait()
+        );
+        Self {
+            child,
+            out,
+            id: id.to_string(),
+        }
+    }
+
+    /// Waits for ctr; its exit code and the rest of stdout.
+    fn finish(mut self) -> (Option<i32>, String) {
+        use std::io::Read as _;
+        let mut rest = String::new();
+        self.out.read_to_string(&mut rest).unwrap();
+        let st = self.child.wait().unwrap();
+        (st.code(), rest)
+    }
+}
+
+fn ctr_ok(args: &[&str]) -> String {
+    let out = ctd().ctr_output(args);
+    assert_ok(&out, &format!("ctr {}", args.join(" ")));
+    text(&out.stdout)
+}
+
+/// A container that handles SIGTERM and keeps running until told.
+const SERVICE: &str = "trap 'echo term; exit 143' TERM; echo $$ > /pid; echo ready; \
+                       while true; do sleep 1; done";
+
+#[test]
+fn kill_term_and_kill_9_end_the_container_with_their_codes() {
+    let _m = machine();
+    let r = Running::start("kill-term", &[], SERVICE);
+    ctr_ok(&["task", "kill", "-s", "SIGTERM", &r.id]);
+    let (code, rest) = r.finish();
+    assert_eq!((code, rest.as_str()), (Some(143), "term\n"));
+
+    let r = Running::start("kill-9", &[], SERVICE);
+    ctr_ok(&["task", "kill", "-s", "SIGKILL", &r.id]);
+    assert_eq!(r.finish().0, Some(137));
+}
+
+#[test]
+fn exec_ps_metrics_pause_and_resume_work_on_a_running_task() {
+    let _m = machine();
+    let r = Running::start(
+        "busy",
+        &[],
+        "echo shared > /marker; echo ready; while true; do sleep 1; done",
+    );
+    // exec: same filesystem, same PID namespace (the init is PID 1 there).
+    let out = ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "look",
+        &r.id,
+        "sh",
+        "-c",
+        "cat /marker; tr '\\0' ' ' < /proc/1/cmdline; echo",
+    ]);
+    assert!(out.starts_with("shared\nsh -c echo shared"), "{out}");
+    let out = ctd()
+        .ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "fail",
+            &r.id,
+            "sh",
+            "-c",
+            "exit 7",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+
+    // ps: the init and its sleep, at least.
+    let ps = ctr_ok(&["task", "ps", &r.id]);
+    assert!(ps.lines().count() >= 3, "{ps}");
+
+    // metrics: the cgroup v2 numbers from the guest.
+    let m = ctr_ok(&["task", "metrics", &r.id]);
+    assert!(
+        m.contains("pids.current") && m.contains("memory.usage"),
+        "{m}"
+    );
+
+    // pause / resume, as containerd sees them.
+    ctr_ok(&["task", "pause", &r.id]);
+    let ls = ctr_ok(&["task", "ls"]);
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("busy ") && l.contains("PAUSED")),
+        "{ls}"
+    );
+    ctr_ok(&["task", "resume", &r.id]);
+    let ls = ctr_ok(&["task", "ls"]);
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("busy ") && l.contains("RUNNING")),
+        "{ls}"
+    );
+    // …and it still runs: an exec answers.
+    assert_eq!(
+        ctr_ok(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "again",
+            &r.id,
+            "cat",
+            "/marker"
+        ]),
+        "shared\n"
+    );
+
+    ctr_ok(&["task", "kill", "-s", "SIGKILL", &r.id]);
+    assert_eq!(r.finish().0, Some(137));
+}
+
+#[test]
+fn a_terminal_is_a_terminal() {
+    let _m = machine();
+    let c = ctd();
+    // ctr -t needs a terminal of its own: script(1) gives it one.
+    let ctr = format!(
+        "ctr --address {} -n default run --rm -t --runtime {HULL_RUNTIME} {BUSYBOX_IMAGE} tty1 \
+         sh -c 'test -t 0 && test -t 1 && echo on-a-tty; tty'",
+        c.address.display()
+    );
+    let out = Command::new("script")
+        .args(["-qefc", &ctr, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_ok(&out, "ctr run -t under script");
+    let t = text(&out.stdout).replace('\r', "");
+    assert!(t.contains("on-a-tty\n/dev/pts/"), "{t:?}");
+}
+
+#[test]
+fn two_containers_of_a_pod_share_the_vm_but_not_their_files() {
+    let _m = machine();
+    let loop_ = "echo ready; while true; do sleep 1; done";
+    let sandbox = Running::start(
+        "pod1",
+        &["--annotation", "io.kubernetes.cri.container-type=sandbox"],
+        loop_,
+    );
+    let app = Running::start(
+        "pod1-app",
+        &[
+            "--annotation",
+            "io.kubernetes.cri.container-type=container",
+            "--annotation",
+            "io.kubernetes.cri.sandbox-id=pod1",
+        ],
+        loop_,
+    );
+    let boot = |id: &str, e: &str| {
+        ctr_ok(&[
+            "task",
+            "exec",
+            "--exec-id",
+            e,
+            id,
+            "cat",
+            "/proc/sys/kernel/random/boot_id",
+        ])
+    };
+    assert_eq!(
+        boot("pod1", "b1"),
+        boot("pod1-app", "b2"),
+        "not the same VM"
+    );
+    ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "w",
+        "pod1",
+        "touch",
+        "/only-in-the-sandbox",
+    ]);
+    let seen = ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "r",
+        "pod1-app",
+        "sh",
+        "-c",
+        "test -e /only-in-the-sandbox && echo shared || echo separate",
+    ]);
+    assert_eq!(seen, "separate\n");
+    // One VM: one hull-vmm for both.
+    let vmms = std::fs::read_dir(&ctd().hull_state).unwrap().count();
+    assert_eq!(vmms, 1, "sandbox directories");
+    ctr_ok(&["task", "kill", "-s", "SIGKILL", "pod1-app"]);
+    assert_eq!(app.finish().0, Some(137));
+    ctr_ok(&["task", "kill", "-s", "SIGKILL", "pod1"]);
+    assert_eq!(sandbox.finish().0, Some(137));
+    wait_clean();
+}
+
+/// Waits (bounded) until Hull left nothing behind, and asserts it.
+fn wait_clean() {
+    let c = ctd();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut left = leftovers(c);
+    while !left.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        left = leftovers(c);
+    }
+    assert!(left.is_empty(), "left behind: {left:#?}");
+}
+
+fn pid_in(file: &Path) -> i32 {
+    std::fs::read_to_string(file)
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_killed_vmm_ends_the_task_with_255() {
+    let _m = machine();
+    let r = Running::start("vmm-dies", &[], SERVICE);
+    let vmm = pid_in(&ctd().hull_state.join("vmm-dies/vmm.pid"));
+    // SAFETY: kill(2) with a pid read from the sandbox's pid file.
+    unsafe { libc::kill(vmm, libc::SIGKILL) };
+    assert_eq!(r.finish().0, Some(255));
+    wait_clean();
+}
+
+#[test]
+fn a_killed_shim_is_cleaned_up_by_task_delete() {
+    let _m = machine();
+    let c = ctd();
+    let out = c.ctr_output(&[
+        "run",
+        "-d",
+        "--runtime",
+        HULL_RUNTIME,
+        BUSYBOX_IMAGE,
+        "shim-dies",
+        "sleep",
+        "1000",
+    ]);
+    assert_ok(&out, "ctr run -d");
+    let shim = pid_in(
+        &c.dir
+            .join("state/io.containerd.runtime.v2.task/default/shim-dies/shim.pid"),
+    );
+    // SAFETY: kill(2) with the pid the shim's start wrote.
+    unsafe { libc::kill(shim, libc::SIGKILL) };
+    // containerd notices and cleans up (the shim's `delete`); a task delete after that finds
+    // nothing or finishes the job.
+    let del = c.ctr_output(&["task", "delete", "shim-dies"]);
+    let msg = text(&del.stderr);
+    assert!(del.status.success() || msg.contains("not found"), "{msg}");
+    ctr_ok(&["container", "delete", "shim-dies"]);
+    wait_clean();
+}
+
+#[test]
+fn bad_configuration_and_annotations_fail_the_create_with_a_message() {
+    let _m = machine();
+    let c = ctd();
+    let good = std::fs::read_to_string(&c.hull_config).unwrap();
+    let cases = [
+        (
+            "missing-kernel",
+            good.replace(
+                &format!(
+                    "kernel = {:?}",
+                    hull_tests::guest_image().vmlinux.display().to_string()
+                ),
+                "kernel = \"/no/such/vmlinux\"",
+            ),
+            &[][..],
+            "/no/such/vmlinux",
+        ),
+        (
+            "bad-value",
+            format!("{good}\n[other]\nx = 1\n"),
+            &[][..],
+            "other",
+        ),
+        (
+            "bad-annotation",
+            good.clone(),
+            &[
+                "--annotation",
+                "io.katacontainers.config.hypervisor.default_vcpus=lots",
+            ][..],
+            "default_vcpus",
+        ),
+    ];
+    for (name, toml, extra, needle) in cases {
+        let path = c.dir.join(format!("{name}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        let p = path.display().to_string();
+        let mut args = vec!["--runtime-config-path", p.as_str()];
+        args.extend_from_slice(extra);
+        let out = ctr_run(name, &args, &["true"], None);
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{name}: {:?} {err}",
+            out.status
+        );
+        let _ = c.ctr_output(&["container", "delete", name]);
+    }
+    wait_clean();
+}

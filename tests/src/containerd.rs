@@ -1,0 +1,228 @@
+//! A private containerd (Debian's package) for the shim's end-to-end runs: its own root, state
+//! and sockets under one directory, Hull's shim first on its `PATH`, a Hull configuration file
+//! pointing at this workspace's builds, and `ctr` bound to it. Used by the main job
+//! (`cargo xtask run`), the shim suite and `cargo xtask bench ctr`.
+//!
+//! The directory must be on a file system overlayfs accepts as an upper layer (tmpfs or ext4;
+//! in L1, under `/run`), as containerd's overlayfs snapshotter keeps its layers there.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The busybox image the fixtures' `oci.tar` holds.
+pub const BUSYBOX_IMAGE: &str = "hull.test/busybox:latest";
+/// The runtime name Hull's shim answers to.
+pub const HULL_RUNTIME: &str = "io.containerd.kata.v2";
+/// runc's, for comparison.
+pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
+
+/// Where Hull's pieces are, for its configuration file.
+#[derive(Debug, Clone)]
+pub struct HullPaths {
+    /// The directory holding `containerd-shim-kata-v2`.
+    pub shim_dir: PathBuf,
+    /// hull-vmm.
+    pub vmm: PathBuf,
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Guest initramfs.
+    pub initrd: PathBuf,
+    /// virtiofsd.
+    pub virtiofsd: PathBuf,
+    /// Guest console and agent debug log into the shim log.
+    pub debug: bool,
+}
+
+impl HullPaths {
+    /// This workspace's builds: `target/<profile>/` for the shim and hull-vmm.
+    pub fn workspace(profile: &str) -> Self {
+        let root = crate::workspace_root();
+        let img = crate::guest_image();
+        Self {
+            shim_dir: root.join("target").join(profile),
+            vmm: root.join("target").join(profile).join("hull-vmm"),
+            kernel: img.vmlinux,
+            initrd: img.initramfs,
+            virtiofsd: crate::virtiofsd::binary(),
+            debug: false,
+        }
+    }
+}
+
+/// A running private containerd; stopped (and its directory's mounts undone) on drop.
+pub struct Containerd {
+    child: Option<Child>,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its gRPC socket.
+    pub address: PathBuf,
+    /// Hull's configuration file the shim reads (`HULL_CONF_FILE`).
+    pub hull_config: PathBuf,
+    /// Hull's state directory (sandboxes).
+    pub hull_state: PathBuf,
+    /// Started here (stopped and removed on drop), or attached to.
+    owned: bool,
+}
+
+fn toml_str(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+impl Containerd {
+    /// Starts containerd in `dir` (created; a tmpfs is mounted on it when `own_tmpfs`) and waits
+    /// until it answers.
+    pub fn start(dir: &Path, hull: &HullPaths, own_tmpfs: bool) -> Result<Self, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        if own_tmpfs {
+            let st = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "mode=0711", "hullctd"])
+                .arg(dir)
+                .status()
+                .map_err(|e| format!("mount: {e}"))?;
+            if !st.success() {
+                return Err(format!("mounting a tmpfs on {} failed", dir.display()));
+            }
+        }
+        let address = dir.join("containerd.sock");
+        let hull_state = dir.join("hull");
+        let hull_config = dir.join("hull.toml");
+        let hull_toml = format!(
+            "[hypervisor]\npath = {}\nkernel = {}\ninitrd = {}\ndebug_console = {}\n\
+             [shared_fs]\nvirtiofsd = {}\n[runtime]\nstate_dir = {}\nagent_timeout = 300\n",
+            toml_str(&hull.vmm),
+            toml_str(&hull.kernel),
+            toml_str(&hull.initrd),
+            hull.debug,
+            toml_str(&hull.virtiofsd),
+            toml_str(&hull_state),
+        );
+        std::fs::write(&hull_config, hull_toml).map_err(|e| format!("write hull.toml: {e}"))?;
+        let config = dir.join("config.toml");
+        let ctd_toml = format!(
+            "version = 2\nroot = {}\nstate = {}\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\naddress = {}\n[debug]\nlevel = \"info\"\n",
+            toml_str(&dir.join("root")),
+            toml_str(&dir.join("state")),
+            toml_str(&address),
+        );
+        std::fs::write(&config, ctd_toml).map_err(|e| format!("write config.toml: {e}"))?;
+        let path = format!(
+            "{}:{}",
+            hull.shim_dir.display(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+        );
+        let log = std::fs::File::create(dir.join("containerd.log"))
+            .map_err(|e| format!("create containerd.log: {e}"))?;
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .env("PATH", path)
+            .env("HULL_CONF_FILE", &hull_config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("start containerd (Debian package containerd): {e}"))?;
+        let me = Self {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            address,
+            hull_config,
+            hull_state,
+            owned: true,
+        };
+        // Ready when `ctr version` gets an answer from the daemon.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let out = me
+                .ctr(&["version"])
+                .output()
+                .map_err(|e| format!("ctr: {e}"))?;
+            if out.status.success() {
+                return Ok(me);
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "containerd did not answer within 120 s: {}\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    me.log()
+                ));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// An existing containerd at `address` (its shims find Hull's configuration themselves);
+    /// left alone on drop.
+    pub fn attach(address: &Path) -> Self {
+        Self {
+            child: None,
+            dir: address.parent().unwrap_or(Path::new("/")).to_path_buf(),
+            address: address.to_path_buf(),
+            hull_config: PathBuf::from("/etc/hull/config.toml"),
+            hull_state: PathBuf::from("/run/hull"),
+            owned: false,
+        }
+    }
+
+    /// `ctr --address <socket> -n default ARGS`.
+    pub fn ctr(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address")
+            .arg(&self.address)
+            .args(["-n", "default"])
+            .args(args);
+        c
+    }
+
+    /// Runs `ctr ARGS` to its end.
+    pub fn ctr_output(&self, args: &[&str]) -> Output {
+        self.ctr(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ctr")
+    }
+
+    /// Imports the fixtures' busybox `oci.tar`; returns the image name.
+    pub fn import_busybox(&self) -> Result<&'static str, String> {
+        let tar = crate::containers::fixtures().join("oci.tar");
+        let out = self.ctr_output(&["images", "import", &tar.display().to_string()]);
+        if !out.status.success() {
+            return Err(format!(
+                "ctr images import {}: {}",
+                tar.display(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(BUSYBOX_IMAGE)
+    }
+
+    /// containerd's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own, not yet reaped, child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+        // Whatever containerd left mounted (snapshots, task rootfs), then the directory.
+        let _ = Command::new("umount")
+            .args(["-R", "-l"])
+            .arg(&self.dir)
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

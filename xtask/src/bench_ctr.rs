@@ -1,0 +1,143 @@
+//! `cargo xtask bench ctr`: `ctr run --rm <busybox> true` through one private containerd, with
+//! `io.containerd.kata.v2` (Hull: a microVM per run) and with `io.containerd.runc.v2`,
+//! alternately, N runs each, in ONE harness run; then the host memory of one idle Hull sandbox.
+//!
+//! Last two lines:
+//! - `sandbox_pss_mib=… (shim=… vmm=… virtiofsd=…)`: the proportional set size (PSS, from
+//!   `/proc/<pid>/smaps_rollup`) of the shim, hull-vmm and virtiofsd of one sandbox running
+//!   `sleep`, summed;
+//! - `ctr_run_ms hull=… runc=… ratio=…`: medians of the wall time of `ctr run --rm … true`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use hull_tests::containerd::{Containerd, HullPaths, BUSYBOX_IMAGE, HULL_RUNTIME, RUNC_RUNTIME};
+
+use crate::bench::InnerArgs;
+
+fn run_once(ctd: &Containerd, runtime: &str, id: &str) -> Result<f64> {
+    let t = Instant::now();
+    let out = ctd
+        .ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            runtime,
+            BUSYBOX_IMAGE,
+            id,
+            "true",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("run ctr")?;
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    if !out.status.success() {
+        bail!(
+            "ctr run --runtime {runtime} failed ({}): {}\ncontainerd: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            ctd.log()
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    Ok(ms)
+}
+
+/// PSS of `pid`, KiB.
+fn pss_kib(pid: i32) -> Option<u64> {
+    let t = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    t.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Pids whose executable's file name is `name` and whose command line mentions `needle`.
+fn pids_of(name: &str, needle: &str) -> Vec<i32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read_to_string(e.path().join("cmdline")) else {
+            continue;
+        };
+        let first = cmd.split('\0').next().unwrap_or_default();
+        if Path::new(first).file_name().is_some_and(|n| n == name) && cmd.contains(needle) {
+            v.push(pid);
+        }
+    }
+    v
+}
+
+/// The part that runs where guests boot.
+pub fn inner(a: &InnerArgs) -> Result<()> {
+    let root = crate::cargo::root();
+    let paths = HullPaths {
+        shim_dir: root.join("target/release"),
+        vmm: a.vmm.clone(),
+        kernel: a.kernel.clone(),
+        initrd: a.initrd.clone(),
+        virtiofsd: hull_tests::virtiofsd::binary(),
+        debug: false,
+    };
+    let dir = PathBuf::from(format!("/run/hull-bench-ctr-{}", std::process::id()));
+    let ctd = Containerd::start(&dir, &paths, true).map_err(anyhow::Error::msg)?;
+    ctd.import_busybox().map_err(anyhow::Error::msg)?;
+    // One unmeasured run of each: page cache, containerd's first snapshot.
+    run_once(&ctd, HULL_RUNTIME, "warm-hull")?;
+    run_once(&ctd, RUNC_RUNTIME, "warm-runc")?;
+    println!(
+        "bench ctr: ctr run --rm {BUSYBOX_IMAGE} true, {} runs of each runtime, alternating",
+        a.runs
+    );
+    let (mut hull, mut runc) = (Vec::new(), Vec::new());
+    for i in 0..a.runs {
+        let h = run_once(&ctd, HULL_RUNTIME, &format!("h{i}"))?;
+        let r = run_once(&ctd, RUNC_RUNTIME, &format!("r{i}"))?;
+        println!("run {i:2} hull_ms={h:8.1} runc_ms={r:8.1}");
+        hull.push(h);
+        runc.push(r);
+    }
+
+    // One idle sandbox: its processes' PSS.
+    let out = ctd
+        .ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            HULL_RUNTIME,
+            BUSYBOX_IMAGE,
+            "idle",
+            "sleep",
+            "3600",
+        ])
+        .output()?;
+    if !out.status.success() {
+        bail!("ctr run -d: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let sandbox = ctd.hull_state.join("idle").display().to_string();
+    let shim = pids_of("containerd-shim-kata-v2", "-id\0idle");
+    let vmm = pids_of("hull-vmm", &sandbox);
+    let fsd = pids_of("virtiofsd", &sandbox);
+    let sum = |p: &[i32]| p.iter().filter_map(|&p| pss_kib(p)).sum::<u64>() as f64 / 1024.0;
+    let (s, v, f) = (sum(&shim), sum(&vmm), sum(&fsd));
+    if shim.len() != 1 || vmm.len() != 1 || fsd.len() != 1 {
+        bail!("expected one shim, hull-vmm and virtiofsd for the idle sandbox, found {shim:?} {vmm:?} {fsd:?}");
+    }
+    let _ = ctd.ctr(&["task", "kill", "-s", "SIGKILL", "idle"]).output();
+    let _ = ctd.ctr(&["task", "delete", "idle"]).output();
+    let _ = ctd.ctr(&["container", "delete", "idle"]).output();
+
+    let (hm, rm) = (crate::bench::median(hull), crate::bench::median(runc));
+    println!(
+        "sandbox_pss_mib={:.1} (shim={s:.1} vmm={v:.1} virtiofsd={f:.1})",
+        s + v + f
+    );
+    println!("ctr_run_ms hull={hm:.1} runc={rm:.1} ratio={:.2}", hm / rm);
+    Ok(())
+}
