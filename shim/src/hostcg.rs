@@ -106,6 +106,39 @@ impl HostCgroup {
     }
 }
 
+/// After a shim died: kills what is left in sandbox `id`'s cgroups and removes them (`delete`).
+pub fn force_remove(id: &str) {
+    for h in hierarchies(Path::new(CGROUP_ROOT)) {
+        let dir = h.join("hull").join(id);
+        if !dir.is_dir() {
+            continue;
+        }
+        let procs = |d: &Path| -> Vec<i32> {
+            std::fs::read_to_string(d.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect()
+        };
+        // Bounded: `delete` has 5 s in all.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            let left = procs(&dir);
+            if left.is_empty() || std::time::Instant::now() > deadline {
+                break;
+            }
+            for pid in left {
+                // SAFETY: kill(2); the pids are the sandbox cgroup's own processes.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        if let Err(e) = std::fs::remove_dir(&dir) {
+            tracing::warn!(cgroup = %dir.display(), "sandbox cgroup not removed: {e}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

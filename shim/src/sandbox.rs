@@ -410,4 +410,5 @@ pub fn force_cleanup(cfg: &Config, id: &str) {
         }
     }
     cleanup_dir(&dir);
+    crate::hostcg::force_remove(id);
 }

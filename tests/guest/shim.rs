@@ -538,3 +538,74 @@ fn bad_configuration_and_annotations_fail_the_create_with_a_message() {
     }
     wait_clean();
 }
+
+#[test]
+fn events_reach_containerd_and_an_oom_kill_is_one() {
+    let _m = machine();
+    let c = ctd();
+    let mut events = c
+        .ctr(&["events"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // 64 MiB for the container; `tail` holds all of /dev/zero's one endless line.
+    let out = ctr_run(
+        "oom1",
+        &["--memory-limit", "67108864"],
+        &["sh", "-c", "echo start; tail /dev/zero; echo survived"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(137), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "start\n");
+    let out = ctr_run("ev1", &[], &["true"], None);
+    assert_ok(&out, "ctr run true");
+    let _ = events.kill();
+    let got = events.wait_with_output().unwrap();
+    let log = text(&got.stdout);
+    for topic in [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/oom",
+        "/tasks/exit",
+        "/tasks/delete",
+    ] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(topic) && (l.contains("oom1") || l.contains("ev1"))),
+            "no {topic} event: {log}"
+        );
+    }
+    let ev1: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"ev1\"") || l.contains("ev1"))
+        .collect();
+    let pos = |t: &str| ev1.iter().position(|l| l.contains(t));
+    assert!(
+        pos("/tasks/start") < pos("/tasks/exit") && pos("/tasks/exit") < pos("/tasks/delete"),
+        "{ev1:#?}"
+    );
+}
+
+#[test]
+fn kata_annotations_size_the_vm() {
+    let _m = machine();
+    let out = ctr_run(
+        "sized",
+        &[
+            "--annotation",
+            "io.katacontainers.config.hypervisor.default_memory=640",
+            "--annotation",
+            "io.katacontainers.config.hypervisor.default_vcpus=2",
+        ],
+        &["sh", "-c", "grep MemTotal /proc/meminfo; nproc"],
+        None,
+    );
+    assert_ok(&out, "ctr run sized");
+    let t = text(&out.stdout);
+    let kib: u64 = t.split_whitespace().nth(1).unwrap().parse().unwrap();
+    // MemTotal is RAM less what the kernel keeps: between 512 and 640 MiB.
+    assert!((512 * 1024..=640 * 1024).contains(&kib), "{t}");
+    assert_eq!(t.lines().nth(1), Some("2"), "{t}");
+}
