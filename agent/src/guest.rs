@@ -79,7 +79,14 @@ async fn serve(cmdline: &Cmdline) -> Result<(), ServeError> {
     tracing::info!(%addr, echo_port = ?cmdline.echo_port, "serving");
 
     server.stop_requested().await;
-    server.shutdown().await;
+    // Graceful, but bounded: a handler still waiting (a read of a process that never ends) must
+    // not hold the power-off. DestroySandbox's own reply is written first: it is already done.
+    if tokio::time::timeout(std::time::Duration::from_millis(500), server.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::info!("handlers still in flight after 500 ms; closing anyway");
+    }
     tracing::info!("server closed; powering off");
     Ok(())
 }

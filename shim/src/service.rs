@@ -380,6 +380,7 @@ impl Service {
                 })
                 .unwrap_or(false);
             if first {
+                tracing::info!(container = %cid, exec = %eid, status = code, "exited");
                 me.publish_exit(&cid, &eid, code, at);
             }
         });
@@ -495,8 +496,9 @@ impl Service {
         let sb = self.state().sandbox.take();
         if let Some(sb) = sb {
             let id = sb.id.clone();
+            let t = std::time::Instant::now();
             sb.stop(Duration::from_secs(10)).await;
-            tracing::info!(sandbox = %id, "sandbox VM stopped");
+            tracing::info!(sandbox = %id, ms = t.elapsed().as_millis() as u64, "sandbox VM stopped");
         }
     }
 
@@ -644,7 +646,13 @@ impl Task for Service {
             spec::load(&bundle).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let annotations = spec::annotations(&spec);
         let role = spec::role(&annotations);
-        let sb = self.ensure_sandbox(&cfg, &id, &role, &annotations).await?;
+        let mut sizing_annotations = annotations.clone();
+        if role == Role::Standalone {
+            spec::limits_as_pod_annotations(&spec, &mut sizing_annotations);
+        }
+        let sb = self
+            .ensure_sandbox(&cfg, &id, &role, &sizing_annotations)
+            .await?;
         let binds = spec::for_guest(&mut spec, &id, sb.shared.is_some())
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let rootfs: Vec<MountSpec> = req
@@ -672,7 +680,10 @@ impl Task for Service {
         creq.spec_json = spec.to_string();
         creq.rootfs = spec::guest_rootfs(&id);
         creq.stdin = !req.stdin.is_empty();
-        if let Err(e) = sb.agent.raw().create_container(rpc(), &creq).await {
+        let t = std::time::Instant::now();
+        let created = sb.agent.raw().create_container(rpc(), &creq).await;
+        tracing::info!(container = %id, ms = t.elapsed().as_millis() as u64, ok = created.is_ok(), "CreateContainer in the guest");
+        if let Err(e) = created {
             if let Some(d) = &shared_dir {
                 unshare_container(d);
             }
@@ -750,6 +761,7 @@ impl Task for Service {
                 Ok(())
             })?;
             self.spawn_exit_waiter(&id, "");
+            tracing::info!(container = %id, "started");
             let mut e = ev::TaskStart::new();
             e.container_id = id.clone();
             e.pid = pid;
@@ -914,7 +926,9 @@ impl Task for Service {
             at: events::now(),
         });
         if eid.is_empty() {
+            let t = std::time::Instant::now();
             self.remove_container(&id).await;
+            tracing::info!(container = %id, ms = t.elapsed().as_millis() as u64, "deleted");
             let mut e = ev::TaskDelete::new();
             e.container_id = id.clone();
             e.id = id.clone();

@@ -91,6 +91,32 @@ pub fn role(annotations: &BTreeMap<String, String>) -> Role {
     }
 }
 
+/// For a standalone container, its own limits in CRI's pod-limit annotations
+/// (`sandbox-cpu-quota`/`-period`, `sandbox-memory`), so the VM is sized to hold them the same
+/// way a pod's is; added to `annotations` unless they are set already.
+pub fn limits_as_pod_annotations(spec: &Value, annotations: &mut BTreeMap<String, String>) {
+    let r = &spec["linux"]["resources"];
+    let mut put = |k: &str, v: Option<i64>| {
+        if let Some(v) = v.filter(|&v| v > 0) {
+            annotations
+                .entry(k.to_string())
+                .or_insert_with(|| v.to_string());
+        }
+    };
+    put(
+        "io.kubernetes.cri.sandbox-cpu-quota",
+        r["cpu"]["quota"].as_i64(),
+    );
+    put(
+        "io.kubernetes.cri.sandbox-cpu-period",
+        r["cpu"]["period"].as_i64(),
+    );
+    put(
+        "io.kubernetes.cri.sandbox-memory",
+        r["memory"]["limit"].as_i64(),
+    );
+}
+
 /// A host path to bind into the share before the container is created.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostBind {
@@ -243,6 +269,30 @@ mod tests {
         s["mounts"][1]["source"] = json!("relative");
         let e = for_guest(&mut s, "c1", true).unwrap_err().to_string();
         assert!(e.contains("relative"), "{e}");
+    }
+
+    #[test]
+    fn a_standalone_containers_limits_size_its_vm() {
+        let spec = json!({"linux": {"resources": {"cpu": {"quota": 150000, "period": 100000},
+                                                  "memory": {"limit": 134217728}}}});
+        let mut a = BTreeMap::new();
+        a.insert(
+            "io.kubernetes.cri.sandbox-memory".to_string(),
+            "1".to_string(),
+        );
+        limits_as_pod_annotations(&spec, &mut a);
+        assert_eq!(a["io.kubernetes.cri.sandbox-cpu-quota"], "150000");
+        assert_eq!(a["io.kubernetes.cri.sandbox-cpu-period"], "100000");
+        assert_eq!(
+            a["io.kubernetes.cri.sandbox-memory"], "1",
+            "set already: kept"
+        );
+        let mut b = BTreeMap::new();
+        limits_as_pod_annotations(
+            &json!({"linux": {"resources": {"memory": {"limit": -1}}}}),
+            &mut b,
+        );
+        assert!(b.is_empty());
     }
 
     #[test]

@@ -91,11 +91,46 @@ fn run_prints_the_guest_kernel_and_echo_is_byte_exact() {
         "uname ran on the host, not in the VM"
     );
 
+    // The other name, io.containerd.hull.v2, is the same shim.
+    let c = ctd();
+    let out = c
+        .ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            "io.containerd.hull.v2",
+            BUSYBOX_IMAGE,
+            "echo0",
+            "echo",
+            "hull-v2",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_ok(&out, "ctr run --runtime io.containerd.hull.v2");
+    assert_eq!(text(&out.stdout), "hull-v2\n");
+
     let payload = "tabs\there, spaces  and ünïcödé\\n no newline at the end";
     let out = ctr_run("echo2", &[], &["printf", "%s", payload], None);
     assert_ok(&out, "ctr run printf");
     assert_eq!(text(&out.stdout), payload);
     assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+
+    // A file:// log URI: both streams end up in the file.
+    let log = c.dir.join("echo3.log");
+    let uri = format!("file://{}", log.display());
+    let out = ctr_run(
+        "echo3",
+        &["--log-uri", &uri],
+        &["sh", "-c", "echo out; echo err >&2"],
+        None,
+    );
+    assert_ok(&out, "ctr run --log-uri file://");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("out\n") && logged.contains("err\n"),
+        "{logged:?}"
+    );
 }
 
 #[test]
@@ -164,6 +199,7 @@ fn leftovers(c: &Containerd) -> Vec<String> {
     if let Ok(d) = std::fs::read_dir("/sys/fs/cgroup/hull") {
         v.extend(
             d.flatten()
+                .filter(|e| e.path().is_dir())
                 .map(|e| format!("cgroup {}", e.path().display())),
         );
     }
@@ -554,7 +590,7 @@ fn events_reach_containerd_and_an_oom_kill_is_one() {
     let out = ctr_run(
         "oom1",
         &["--memory-limit", "67108864"],
-        &["sh", "-c", "echo start; tail /dev/zero; echo survived"],
+        &["sh", "-c", "echo start; exec tail /dev/zero"],
         None,
     );
     assert_eq!(out.status.code(), Some(137), "{}", text(&out.stderr));
@@ -608,4 +644,16 @@ fn kata_annotations_size_the_vm() {
     // MemTotal is RAM less what the kernel keeps: between 512 and 640 MiB.
     assert!((512 * 1024..=640 * 1024).contains(&kib), "{t}");
     assert_eq!(t.lines().nth(1), Some("2"), "{t}");
+
+    // A standalone container's own memory limit gets room in its VM (256 MiB default + 256).
+    let out = ctr_run(
+        "limited",
+        &["--memory-limit", "268435456"],
+        &["grep", "MemTotal", "/proc/meminfo"],
+        None,
+    );
+    assert_ok(&out, "ctr run --memory-limit");
+    let t = text(&out.stdout);
+    let kib: u64 = t.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(kib > 400 * 1024, "{t}");
 }

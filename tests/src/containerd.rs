@@ -108,6 +108,11 @@ impl Containerd {
             toml_str(&address),
         );
         std::fs::write(&config, ctd_toml).map_err(|e| format!("write config.toml: {e}"))?;
+        // The shim answers to io.containerd.hull.v2 as well: the same binary under that name.
+        let alias = hull.shim_dir.join("containerd-shim-hull-v2");
+        if !alias.exists() {
+            let _ = std::os::unix::fs::symlink("containerd-shim-kata-v2", &alias);
+        }
         let path = format!(
             "{}:{}",
             hull.shim_dir.display(),

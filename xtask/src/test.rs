@@ -97,7 +97,7 @@ pub fn run(args: Args) -> Result<()> {
             )?;
         }
         script.push_str("exit $st\n");
-        let status = harness::run_script(&script, &harness::options(Duration::from_secs(1200)))?;
+        let status = harness::run_script(&script, &harness::options(Duration::from_secs(1800)))?;
         let mut guest_out = String::new();
         for (name, _) in &suites {
             match std::fs::read_to_string(logs.join(format!("{name}.log"))) {

@@ -319,7 +319,18 @@ impl AgentService for Service {
         _ctx: &TtrpcContext,
         _req: agent::GetOOMEventRequest,
     ) -> ttrpc::Result<agent::OOMEvent> {
-        let result = async { Ok(container::oom(self.state.containers()?).await) }.await;
+        // A long poll: it ends with the agent (DestroySandbox), so that the server's graceful
+        // shutdown does not wait on it.
+        let result = async {
+            let containers = self.state.containers()?;
+            tokio::select! {
+                e = container::oom(containers) => Ok(e),
+                _ = self.state.stop_requested() => {
+                    Err(AgentError::ShuttingDown("DestroySandbox was called"))
+                }
+            }
+        }
+        .await;
         reply("GetOOMEvent", result)
     }
 }
