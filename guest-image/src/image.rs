@@ -14,12 +14,13 @@ use crate::error::{Error, Result};
 use crate::{agent, cpio, extract_vmlinux, kernel, Flavour, KernelPackage};
 
 /// The modules the guest init loads (with their dependencies): the virtio-mmio transport, vsock to
-/// the host, block, net, virtio-fs and overlayfs.
+/// the host, block, net, virtio-fs, overlayfs, and the balloon (free page reporting).
 pub const GUEST_MODULES: &[&str] = &[
     "virtio_mmio",
     "vmw_vsock_virtio_transport",
     "vsock",
     "virtio_blk",
+    "virtio_balloon",
     "virtio_net",
     "virtiofs",
     "fuse",
@@ -30,7 +31,7 @@ pub const GUEST_MODULES: &[&str] = &[
 pub const LOAD_ORDER_PATH: &str = "/lib/modules/load-order";
 
 /// Bump when the initramfs layout (or anything else not captured by file fingerprints) changes.
-const LAYOUT_VERSION: u32 = 2;
+const LAYOUT_VERSION: u32 = 3;
 
 /// What to build and where.
 #[derive(Debug, Clone)]

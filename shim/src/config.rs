@@ -17,6 +17,7 @@
 //! max_memory = 16384                     # MiB
 //! kernel_params = ""                     # appended to the guest command line
 //! debug_console = false                  # guest console + agent debug log into the shim log
+//! free_page_reporting = true             # RAM the guest frees goes back to the host
 //! enable_annotations = ["default_memory", "default_vcpus"]
 //!
 //! [shared_fs]
@@ -106,6 +107,9 @@ pub struct Hypervisor {
     pub kernel_params: String,
     /// The guest console and the agent's debug log go to the shim's log.
     pub debug_console: bool,
+    /// A free-page-reporting balloon: RAM the guest frees is given back to the host (2 s after,
+    /// in blocks of 2 MiB and up).
+    pub free_page_reporting: bool,
     /// Annotation names (after [`ANNOTATION_PREFIX`]) a pod may set.
     pub enable_annotations: Vec<String>,
 }
@@ -122,6 +126,7 @@ impl Default for Hypervisor {
             max_memory: 16384,
             kernel_params: String::new(),
             debug_console: false,
+            free_page_reporting: true,
             enable_annotations: vec!["default_memory".into(), "default_vcpus".into()],
         }
     }

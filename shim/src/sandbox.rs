@@ -13,7 +13,7 @@
 //! `kill -9` of it) is then something the shim sees and reports as the tasks' exit, the VMM can be
 //! confined on its own, and its vCPU threads never share the shim's runtime.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -93,8 +93,6 @@ pub struct Sandbox {
     virtiofsd: std::sync::Mutex<Option<Child>>,
     /// The agent.
     pub agent: AgentClient,
-    /// The guest's kernel release, as the agent reported it.
-    pub kernel_release: String,
     /// The sandbox's host cgroup (shim, hull-vmm, virtiofsd).
     cgroup: std::sync::Mutex<Option<HostCgroup>>,
 }
@@ -168,7 +166,7 @@ impl Sandbox {
             mount::make_shared_mountpoint(&shared)
                 .map_err(io("make a shared mount point of", &shared))?;
             *shared_slot = Some(shared.clone());
-            *fsd_slot = Some(start_virtiofsd(cfg, dir, &shared, &fs_socket).await?);
+            *fsd_slot = Some(spawn_virtiofsd(cfg, dir, &shared, &fs_socket)?);
         }
         let uds = dir.join("vsock.sock");
         let vmm_bin = &cfg.hypervisor.path;
@@ -196,6 +194,9 @@ impl Sandbox {
         } else {
             cmd.args(["--console", "off"]).stdout(Stdio::null());
         }
+        if cfg.hypervisor.free_page_reporting {
+            cmd.arg("--free-page-reporting");
+        }
         if use_fs {
             cmd.arg("--fs")
                 .arg(format!("tag={SHARED_TAG},socket={}", fs_socket.display()));
@@ -219,6 +220,9 @@ impl Sandbox {
             Err(e) => {
                 let _ = vmm.start_kill();
                 let status = vmm.wait().await.ok();
+                if let Some(e) = virtiofsd_failure(cfg, dir, fsd_slot).await {
+                    return Err(e);
+                }
                 return Err(SandboxError::Boot {
                     why: format!(
                         "{e}{}",
@@ -231,11 +235,15 @@ impl Sandbox {
                 });
             }
         };
-        let kernel_release = agent
-            .guest_details()
-            .await
-            .map(|d| d.kernel_release)
-            .unwrap_or_default();
+        if cfg.hypervisor.debug_console {
+            // Not on the start path: only for the log.
+            let a = agent.clone();
+            tokio::spawn(async move {
+                if let Ok(d) = a.guest_details().await {
+                    tracing::info!(kernel = %d.kernel_release, "guest details");
+                }
+            });
+        }
         // One task owns the child and reports its end to whoever watches.
         let (tx, vmm_exit) = watch::channel(None);
         tokio::spawn(async move {
@@ -255,7 +263,6 @@ impl Sandbox {
             vmm_exit,
             virtiofsd: std::sync::Mutex::new(fsd_slot.take()),
             agent,
-            kernel_release,
             cgroup: std::sync::Mutex::new(None),
         })
     }
@@ -306,8 +313,12 @@ impl Sandbox {
     }
 }
 
-/// Starts virtiofsd on `shared`, waiting until its socket is there (or it died).
-async fn start_virtiofsd(
+/// Starts virtiofsd on `shared` without waiting for it: the shim binds `socket` itself and hands
+/// virtiofsd the listener (`--fd=3`), so hull-vmm can connect at once and its vhost-user
+/// handshake simply waits in the backlog while virtiofsd sets up its sandbox. The shim keeps no
+/// copy of the listener: if virtiofsd dies, the pending connection is reset and hull-vmm fails
+/// instead of waiting forever ([`virtiofsd_failure`] then names virtiofsd as the cause).
+fn spawn_virtiofsd(
     cfg: &Config,
     dir: &Path,
     shared: &Path,
@@ -316,8 +327,10 @@ async fn start_virtiofsd(
     let bin = &cfg.shared_fs.virtiofsd;
     let log_path = dir.join("virtiofsd.log");
     let log = std::fs::File::create(&log_path).map_err(io("create", &log_path))?;
+    let listener = std::os::unix::net::UnixListener::bind(socket)
+        .map_err(io("bind virtiofsd's socket", socket))?;
     let mut cmd = Command::new(bin);
-    cmd.arg(format!("--socket-path={}", socket.display()))
+    cmd.arg(format!("--fd={VIRTIOFSD_FD}"))
         .arg(format!("--shared-dir={}", shared.display()))
         .arg(format!("--cache={}", cfg.shared_fs.cache))
         .args(["--sandbox=namespace", "--log-level=error"])
@@ -325,42 +338,59 @@ async fn start_virtiofsd(
         .stdout(Stdio::null())
         .stderr(log)
         .kill_on_drop(true);
+    let fd = listener.as_raw_fd();
+    // SAFETY: dup2 and fcntl are async-signal-safe; `fd` stays open until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == VIRTIOFSD_FD {
+                // Already in place: only the close-on-exec flag must go.
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, VIRTIOFSD_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     die_with_the_shim(&mut cmd);
-    let mut child = cmd.spawn().map_err(|source| SandboxError::Spawn {
+    let child = cmd.spawn().map_err(|source| SandboxError::Spawn {
         program: "virtiofsd",
         path: bin.clone(),
         source,
     })?;
+    drop(listener);
     let _ = std::fs::write(
         dir.join("virtiofsd.pid"),
         child.id().unwrap_or(0).to_string(),
     );
-    // It creates the socket once it listens; watch for it, and for an early death.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut pause = Duration::from_micros(200);
-    while !socket.exists() {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(SandboxError::Virtiofsd {
-                path: bin.clone(),
-                why: format!(
-                    "it exited ({status}): {}",
-                    std::fs::read_to_string(&log_path)
-                        .unwrap_or_default()
-                        .trim()
-                ),
-            });
-        }
-        if Instant::now() > deadline {
-            let _ = child.start_kill();
-            return Err(SandboxError::Virtiofsd {
-                path: bin.clone(),
-                why: "no socket after 10 s".into(),
-            });
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(10));
-    }
     Ok(child)
+}
+
+/// The descriptor virtiofsd gets its listening socket on.
+const VIRTIOFSD_FD: i32 = 3;
+
+/// After a failed boot: if virtiofsd died, why (its status and log), as the error to report (a VM
+/// that failed to come up because its file server did is virtiofsd's failure). It is given a
+/// moment to be reaped: hull-vmm may see its socket close just before virtiofsd's exit is final.
+async fn virtiofsd_failure(
+    cfg: &Config,
+    dir: &Path,
+    fsd: &mut Option<Child>,
+) -> Option<SandboxError> {
+    let status = tokio::time::timeout(Duration::from_millis(500), fsd.as_mut()?.wait())
+        .await
+        .ok()?
+        .ok()?;
+    Some(SandboxError::Virtiofsd {
+        path: cfg.shared_fs.virtiofsd.clone(),
+        why: format!(
+            "it exited ({status}): {}",
+            std::fs::read_to_string(dir.join("virtiofsd.log"))
+                .unwrap_or_default()
+                .trim()
+        ),
+    })
 }
 
 /// The child gets SIGKILL when the shim dies (PR_SET_PDEATHSIG; the shim runs one thread, the

@@ -250,7 +250,6 @@ impl Service {
             sandbox = id,
             vcpus = size.vcpus,
             memory_mib = size.memory_mib,
-            kernel = %sb.kernel_release,
             ms = t.elapsed().as_millis() as u64,
             "sandbox VM up"
         );

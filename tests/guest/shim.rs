@@ -493,6 +493,65 @@ fn a_killed_vmm_ends_the_task_with_255() {
     wait_clean();
 }
 
+/// hull-vmm's resident memory, KiB (guest RAM it holds included).
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Polls `rss_kib(pid)` (bounded) until `done` holds for it; returns the last value.
+fn rss_until(pid: i32, done: impl Fn(u64) -> bool) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut now = rss_kib(pid);
+    while !done(now) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        now = rss_kib(pid);
+    }
+    now
+}
+
+#[test]
+fn memory_the_guest_frees_goes_back_to_the_host() {
+    let _m = machine();
+    let r = Running::start("balloon", &[], SERVICE);
+    let vmm = pid_in(&ctd().hull_state.join("balloon/vmm.pid"));
+    let exec = |eid: &str, cmd: &[&str]| {
+        let mut v = vec!["task", "exec", "--exec-id", eid, "balloon"];
+        v.extend_from_slice(cmd);
+        ctr_ok(&v)
+    };
+    let bound = exec("drv", &["ls", "/sys/bus/virtio/drivers/virtio_balloon"]);
+    assert!(
+        bound.contains("virtio"),
+        "no device bound to virtio_balloon: {bound:?}"
+    );
+    // The guest fills 48 MiB of tmpfs (the container's /dev/shm, in guest RAM): the host holds it.
+    let before = rss_kib(vmm);
+    exec(
+        "fill",
+        &["dd", "if=/dev/zero", "of=/dev/shm/f", "bs=1M", "count=48"],
+    );
+    let held = rss_until(vmm, |kib| kib >= before + 40 * 1024);
+    assert!(
+        held >= before + 40 * 1024,
+        "hull-vmm RSS {before} -> {held} KiB after the fill"
+    );
+    // The guest frees it: page reporting (2 s later) gives it back to the host.
+    exec("free", &["rm", "/dev/shm/f"]);
+    let after = rss_until(vmm, |kib| kib + 24 * 1024 <= held);
+    assert!(
+        after + 24 * 1024 <= held,
+        "hull-vmm RSS {held} KiB with the file, {after} KiB a minute after it was removed"
+    );
+    ctr_ok(&["task", "kill", "-s", "SIGKILL", "balloon"]);
+    assert_eq!(r.finish().0, Some(137));
+    wait_clean();
+}
+
 #[test]
 fn a_killed_shim_is_cleaned_up_by_task_delete() {
     let _m = machine();
@@ -528,6 +587,18 @@ fn bad_configuration_and_annotations_fail_the_create_with_a_message() {
     let _m = machine();
     let c = ctd();
     let good = std::fs::read_to_string(&c.hull_config).unwrap();
+    // A virtiofsd that dies at once: the create names it and gives its last words.
+    let failing_virtiofsd = c.dir.join("failing-virtiofsd");
+    std::fs::write(
+        &failing_virtiofsd,
+        "#!/bin/sh\necho 'hull-test: this virtiofsd refuses to serve' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &failing_virtiofsd,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let cases = [
         (
             "missing-kernel",
@@ -546,6 +617,18 @@ fn bad_configuration_and_annotations_fail_the_create_with_a_message() {
             format!("{good}\n[other]\nx = 1\n"),
             &[][..],
             "other",
+        ),
+        (
+            "virtiofsd-fails",
+            good.replace(
+                &format!(
+                    "virtiofsd = {:?}",
+                    hull_tests::virtiofsd::binary().display().to_string()
+                ),
+                &format!("virtiofsd = {:?}", failing_virtiofsd.display().to_string()),
+            ),
+            &[][..],
+            "hull-test: this virtiofsd refuses to serve",
         ),
         (
             "bad-annotation",

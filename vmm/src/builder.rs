@@ -72,6 +72,9 @@ pub enum BuildError {
     /// The vsock device.
     #[error("vsock device: {0}")]
     Vsock(String),
+    /// The balloon device.
+    #[error(transparent)]
+    Balloon(#[from] crate::devices::virtio::balloon::BalloonError),
     /// The virtio-fs device.
     #[error(transparent)]
     Fs(#[from] crate::devices::virtio::fs::FsError),
@@ -219,6 +222,9 @@ pub fn build_microvm(config: &VmConfig) -> Result<Vmm, BuildError> {
     for d in &config.drives {
         add_block(d, &mut place)?;
     }
+    if config.free_page_reporting {
+        add_balloon(&mut place)?;
+    }
     if let Some(f) = &config.fs {
         add_fs(f, &mut place, &exit)?;
     }
@@ -318,6 +324,16 @@ fn add_vsock(v: &crate::config::VsockConfig, place: &mut Placement<'_>) -> Resul
     let vsock = Arc::new(Mutex::new(vsock));
     place.add(vsock.clone())?;
     place.events.add(vsock);
+    Ok(())
+}
+
+/// Creates the free-page-reporting balloon, places it on virtio-mmio and subscribes it to the
+/// event loop.
+fn add_balloon(place: &mut Placement<'_>) -> Result<(), BuildError> {
+    use crate::devices::virtio::balloon::Balloon;
+    let balloon = Arc::new(Mutex::new(Balloon::new()?));
+    place.add(balloon.clone())?;
+    place.events.add(balloon);
     Ok(())
 }
 

@@ -149,6 +149,8 @@ pub struct VmConfig {
     pub fs: Option<FsConfig>,
     /// virtio-blk drives, in order (the guest's vda, vdb, …).
     pub drives: Vec<DriveConfig>,
+    /// A virtio-balloon device for free page reporting: RAM the guest frees goes back to the host.
+    pub free_page_reporting: bool,
 }
 
 impl Default for VmConfig {
@@ -166,6 +168,7 @@ impl Default for VmConfig {
             vsock: None,
             fs: None,
             drives: Vec::new(),
+            free_page_reporting: false,
         }
     }
 }

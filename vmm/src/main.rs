@@ -44,6 +44,10 @@ struct Cli {
     /// A virtio-blk drive (repeatable): path=PATH[,ro][,serial=ID]; a raw image or block device.
     #[arg(long = "drive", value_name = "path=PATH[,ro][,serial=ID]")]
     drives: Vec<String>,
+    /// Give the guest a virtio-balloon device for free page reporting: RAM the guest frees is
+    /// given back to the host (the guest needs the virtio_balloon driver).
+    #[arg(long)]
+    free_page_reporting: bool,
     /// KVM device.
     #[arg(long, default_value = "/dev/kvm")]
     kvm: PathBuf,
@@ -86,6 +90,7 @@ fn main() -> ExitCode {
         }),
         fs: cli.fs,
         drives,
+        free_page_reporting: cli.free_page_reporting,
     };
     let vmm = match build_microvm(&config) {
         Ok(v) => v,

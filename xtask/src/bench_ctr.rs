@@ -2,10 +2,16 @@
 //! `io.containerd.kata.v2` (Hull: a microVM per run) and with `io.containerd.runc.v2`,
 //! alternately, N runs each, in ONE harness run; then the host memory of one idle Hull sandbox.
 //!
+//! Before them, `hull_phases_ms …`: medians of what the shims logged for the measured runs (VM
+//! up, CreateContainer in the guest, VM stopped), and the PSS of the idle sandbox right after
+//! `ctr run -d` returned.
+//!
 //! Last two lines:
 //! - `sandbox_pss_mib=… (shim=… vmm=… virtiofsd=…)`: the proportional set size (PSS, from
 //!   `/proc/<pid>/smaps_rollup`) of the shim, hull-vmm and virtiofsd of one sandbox running
-//!   `sleep`, summed;
+//!   `sleep`, summed, once it settled: the guest's free page reports (2 s after pages are freed)
+//!   make it fall after the start; it is sampled each second until it stops falling (at most
+//!   30 s);
 //! - `ctr_run_ms hull=… runc=… ratio=…`: medians of the wall time of `ctr run --rm … true`.
 
 use std::path::{Path, PathBuf};
@@ -46,6 +52,18 @@ fn run_once(ctd: &Containerd, runtime: &str, id: &str) -> Result<f64> {
         );
     }
     Ok(ms)
+}
+
+/// The `ms=` values of the shim log lines (in containerd's log) saying `msg`.
+fn log_ms(log: &str, msg: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains(msg))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("ms="))
+                .and_then(|v| v.trim_matches('"').parse().ok())
+        })
+        .collect()
 }
 
 /// PSS of `pid`, KiB.
@@ -124,17 +142,47 @@ pub fn inner(a: &InnerArgs) -> Result<()> {
     let shim = pids_of("containerd-shim-kata-v2", "-id\0idle");
     let vmm = pids_of("hull-vmm", &sandbox);
     let fsd = pids_of("virtiofsd", &sandbox);
-    let sum = |p: &[i32]| p.iter().filter_map(|&p| pss_kib(p)).sum::<u64>() as f64 / 1024.0;
-    let (s, v, f) = (sum(&shim), sum(&vmm), sum(&fsd));
     // virtiofsd runs as two processes (its sandbox's parent and the server).
     if shim.len() != 1 || vmm.len() != 1 || fsd.is_empty() {
         bail!("expected one shim, one hull-vmm and virtiofsd for the idle sandbox, found {shim:?} {vmm:?} {fsd:?}");
     }
+    let sum = |p: &[i32]| p.iter().filter_map(|&p| pss_kib(p)).sum::<u64>() as f64 / 1024.0;
+    let sample = || (sum(&shim), sum(&vmm), sum(&fsd));
+    let at_start = sample();
+    let total = |x: (f64, f64, f64)| x.0 + x.1 + x.2;
+    let mut settled = at_start;
+    let since = Instant::now();
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let next = sample();
+        let falling = total(next) < total(settled) - 0.5;
+        settled = next;
+        if (!falling && since.elapsed().as_secs() >= 3) || since.elapsed().as_secs() >= 30 {
+            break;
+        }
+    }
+    let (s, v, f) = settled;
     let _ = ctd.ctr(&["task", "kill", "-s", "SIGKILL", "idle"]).output();
     let _ = ctd.ctr(&["task", "delete", "idle"]).output();
     let _ = ctd.ctr(&["container", "delete", "idle"]).output();
 
     let (hm, rm) = (crate::bench::median(hull), crate::bench::median(runc));
+    let log = ctd.log();
+    let phase = |msg: &str| {
+        let v = log_ms(&log, msg);
+        if v.is_empty() {
+            "?".to_string()
+        } else {
+            format!("{:.0}", crate::bench::median(v))
+        }
+    };
+    println!(
+        "hull_phases_ms vm_up={} create_in_guest={} vm_stopped={}; sandbox_pss_mib_at_start={:.1}",
+        phase("sandbox VM up"),
+        phase("CreateContainer in the guest"),
+        phase("sandbox VM stopped"),
+        total(at_start)
+    );
     println!(
         "sandbox_pss_mib={:.1} (shim={s:.1} vmm={v:.1} virtiofsd={f:.1})",
         s + v + f

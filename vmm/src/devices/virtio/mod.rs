@@ -16,9 +16,12 @@
 //! - The device raises interrupts with [`Interrupt::trigger`]: it sets the InterruptStatus bit and
 //!   signals the device's irqfd.
 
+pub mod balloon;
 pub mod block;
 pub mod fs;
 pub mod mmio;
+#[cfg(test)]
+mod test_utils;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -40,6 +43,8 @@ pub const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
 pub mod device_type {
     /// virtio-blk.
     pub const BLOCK: u32 = 2;
+    /// virtio-balloon.
+    pub const BALLOON: u32 = 5;
     /// virtio-vsock.
     pub const VSOCK: u32 = 19;
     /// virtio-fs.

@@ -23,8 +23,6 @@
 pub mod backend;
 pub mod event_handler;
 pub mod request;
-#[cfg(test)]
-mod test_utils;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -13,8 +13,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::tempdir::TempDir;
 
 use super::request::{req_type, status, HDR_LEN};
-use super::test_utils::{guest_mem, Driver, Seg, OUTSIDE};
 use super::*;
+use crate::devices::virtio::test_utils::{guest_mem, Driver, Seg, OUTSIDE};
 
 /// Sectors in the test disk.
 const SECTORS: u64 = 64;

@@ -55,9 +55,15 @@ pub struct Driver<'m> {
 impl<'m> Driver<'m> {
     /// A queue of `size` entries at guest address 0 (rings zeroed).
     pub fn new(mem: &'m GuestMemoryMmap, size: u16) -> Self {
+        Self::new_at(mem, GuestAddress(0), size)
+    }
+
+    /// A queue of `size` entries at `at` (rings zeroed; a device with several queues places each
+    /// apart, below [`BUF_START`]).
+    pub fn new_at(mem: &'m GuestMemoryMmap, at: GuestAddress, size: u16) -> Self {
         Self {
             mem,
-            vq: MockSplitQueue::create(mem, GuestAddress(0), size),
+            vq: MockSplitQueue::create(mem, at, size),
             size,
             next_desc: 0,
             avail_idx: 0,
