@@ -99,7 +99,9 @@ pub struct Sandbox {
 
 /// The guest's kernel command line for a sandbox.
 fn cmdline(cfg: &Config, shared: bool) -> String {
-    let mut c = String::from("console=ttyS0 reboot=k panic=-1 pci=off");
+    // As hull-vmm's default (`cryptomgr.notests`: the guest's crypto self-tests are 0.3 s of its
+    // boot), with quiet or debug as configured.
+    let mut c = String::from("console=ttyS0 reboot=k panic=-1 pci=off cryptomgr.notests");
     c.push_str(if cfg.hypervisor.debug_console {
         " hull.debug"
     } else {

@@ -201,7 +201,7 @@ impl RunningVm {
         // `hull.debug`), and with `HULL_TEST_CONSOLE_DIR` each console goes to `<dir>/<vm>.log`.
         let debug_cmdline = std::env::var("HULL_TEST_CMDLINE").unwrap_or_default();
         let cmdline = format!(
-            "console=ttyS0 quiet reboot=k panic=-1 pci=off {extra_cmdline} {debug_cmdline}"
+            "console=ttyS0 quiet reboot=k panic=-1 pci=off cryptomgr.notests {extra_cmdline} {debug_cmdline}"
         );
         let mut cmd = vmm_command_with(&img.vmlinux, initrd, vcpus, memory_mib);
         if let Some(d) = std::env::var_os("HULL_TEST_CONSOLE_DIR") {

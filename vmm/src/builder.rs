@@ -129,26 +129,10 @@ pub fn build_microvm(config: &VmConfig) -> Result<Vmm, BuildError> {
     );
 
     // Kernel, command line, initrd, boot parameters.
-    let kernel = boot::load_kernel(&mem, &config.kernel)?;
-    let cmdline_size = load_cmdline_into(&mem, &config.cmdline)?;
     let low_end = mem_size.min(MMIO_GAP_START);
-    let initrd_max = match &kernel.setup_header {
-        Some(h) if h.initrd_addr_max != 0 => low_end.min(u64::from(h.initrd_addr_max) + 1),
-        _ => low_end,
-    };
-    if kernel.end >= low_end {
-        return Err(BootError::TooSmall {
-            what: "the kernel",
-            need: kernel.end,
-            at: 0,
-            end: low_end,
-        }
-        .into());
-    }
-    let initrd = match &config.initrd {
-        Some(p) => Some(boot::load_initrd(&mem, p, kernel.end, initrd_max)?),
-        None => None,
-    };
+    let (kernel, initrd) =
+        boot::load_kernel_and_initrd(&mem, &config.kernel, config.initrd.as_deref(), low_end)?;
+    let cmdline_size = load_cmdline_into(&mem, &config.cmdline)?;
     let entry = match (kernel.format, kernel.pvh_entry) {
         (KernelFormat::Elf, Some(pvh)) => {
             boot::write_pvh_start_info(&mem, CMDLINE_START, initrd, mem_size)?;

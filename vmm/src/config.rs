@@ -3,8 +3,10 @@
 use std::path::PathBuf;
 
 /// Default kernel command line: serial console, quiet (serial output is slow), no PCI probing,
-/// reboot through the keyboard controller, reboot at once on panic (the VMM then exits).
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 pci=off";
+/// reboot through the keyboard controller, reboot at once on panic (the VMM then exits), and no
+/// crypto self-tests at boot (`cryptomgr.notests`: they check the kernel's own cipher code, took
+/// 0.3 s of the guest's 1.8 s boot in the harness, and `fips=1` still forces them).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 pci=off cryptomgr.notests";
 
 /// Smallest guest RAM accepted, in MiB: below this a Debian kernel plus initramfs cannot boot.
 pub const MIN_MEMORY_MIB: u32 = 64;

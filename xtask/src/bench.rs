@@ -19,9 +19,11 @@ use anyhow::{bail, Context, Result};
 use crate::{cargo, guest_image, harness};
 
 /// The command line both VMMs boot with.
-pub const BENCH_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 pci=off";
+/// hull-vmm's default (`hull_vmm::config::DEFAULT_CMDLINE`).
+pub const BENCH_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 pci=off cryptomgr.notests";
 /// The same, with the agent printing its ready line and powering off at once.
-pub const ONESHOT_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 pci=off hull.oneshot";
+pub const ONESHOT_CMDLINE: &str =
+    "console=ttyS0 quiet reboot=k panic=-1 pci=off cryptomgr.notests hull.oneshot";
 
 /// Which kernel image both VMMs boot.
 #[derive(Clone, Copy, clap::ValueEnum)]

@@ -66,6 +66,14 @@ fn log_ms(log: &str, msg: &str) -> Vec<f64> {
         .collect()
 }
 
+/// The KiB value of `key` (e.g. `MemFree:`) in a `/proc` key-value text.
+fn field_kib(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// PSS of `pid`, KiB.
 fn pss_kib(pid: i32) -> Option<u64> {
     let t = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
@@ -162,6 +170,47 @@ pub fn inner(a: &InnerArgs) -> Result<()> {
         }
     }
     let (s, v, f) = settled;
+    // Where the VMM's share goes: the guest's own view, and hull-vmm's mappings.
+    let meminfo = ctd
+        .ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "meminfo",
+            "idle",
+            "cat",
+            "/proc/meminfo",
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let mi = |k: &str| {
+        field_kib(&meminfo, k).map_or("?".into(), |v| format!("{:.1}", v as f64 / 1024.0))
+    };
+    println!(
+        "guest_meminfo_mib total={} free={} cached={} shmem={} slab={} kernel_stack={} page_tables={} anon={}",
+        mi("MemTotal:"),
+        mi("MemFree:"),
+        mi("Cached:"),
+        mi("Shmem:"),
+        mi("Slab:"),
+        mi("KernelStack:"),
+        mi("PageTables:"),
+        mi("AnonPages:")
+    );
+    let rollup =
+        std::fs::read_to_string(format!("/proc/{}/smaps_rollup", vmm[0])).unwrap_or_default();
+    let rk =
+        |k: &str| field_kib(&rollup, k).map_or("?".into(), |v| format!("{:.1}", v as f64 / 1024.0));
+    println!(
+        "vmm_smaps_mib rss={} pss={} pss_anon={} pss_file={} pss_shmem={} shmem_pmd_mapped={}",
+        rk("Rss:"),
+        rk("Pss:"),
+        rk("Pss_Anon:"),
+        rk("Pss_File:"),
+        rk("Pss_Shmem:"),
+        rk("ShmemPmdMapped:")
+    );
     let _ = ctd.ctr(&["task", "kill", "-s", "SIGKILL", "idle"]).output();
     let _ = ctd.ctr(&["task", "delete", "idle"]).output();
     let _ = ctd.ctr(&["container", "delete", "idle"]).output();

@@ -162,6 +162,60 @@ fn elf_load_range(file: &mut File) -> Option<(u64, u64)> {
     (lo < hi).then(|| (lo, hi - lo))
 }
 
+/// Loads the kernel and the initrd (if any) into RAM that ends at `low_end` (below the MMIO gap).
+///
+/// They are the two big copies of a VM's start (tens of MiB) and run side by side: the initrd goes
+/// to the top of low memory as if nothing bounded it lower, and the two are checked against each
+/// other afterwards. An initrd that ends up below the kernel's end did not fit (and overlapped
+/// it): [`BootError::TooSmall`]. One that a bzImage wants lower (`initrd_addr_max`) is copied
+/// again there.
+pub fn load_kernel_and_initrd(
+    mem: &GuestMemoryMmap,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    low_end: u64,
+) -> Result<(LoadedKernel, Option<(u64, u64)>), BootError> {
+    let (loaded, early) = std::thread::scope(|s| {
+        let job = initrd.map(|p| s.spawn(move || load_initrd(mem, p, 0, low_end)));
+        let loaded = load_kernel(mem, kernel);
+        let early = job.map(|j| j.join().unwrap_or(Err(BootError::Write("initrd"))));
+        (loaded, early)
+    });
+    let loaded = loaded?;
+    if loaded.end >= low_end {
+        return Err(BootError::TooSmall {
+            what: "the kernel",
+            need: loaded.end,
+            at: 0,
+            end: low_end,
+        });
+    }
+    let initrd_max = match &loaded.setup_header {
+        Some(h) if h.initrd_addr_max != 0 => low_end.min(u64::from(h.initrd_addr_max) + 1),
+        _ => low_end,
+    };
+    let placed = match (early, initrd) {
+        (Some(Ok((addr, size))), Some(path)) => {
+            if addr < loaded.end {
+                return Err(BootError::TooSmall {
+                    what: "the initrd",
+                    need: size,
+                    at: loaded.end,
+                    end: initrd_max,
+                });
+            }
+            if addr + size <= initrd_max {
+                Some((addr, size))
+            } else {
+                Some(load_initrd(mem, path, loaded.end, initrd_max)?)
+            }
+        }
+        (Some(Err(e)), _) => return Err(e),
+        _ => None,
+    };
+    Ok((loaded, placed))
+}
+
 /// Loads the initrd at the top of RAM below `max_end` (page-aligned), above `kernel_end`.
 /// Returns its address and size.
 pub fn load_initrd(
@@ -183,8 +237,9 @@ pub fn load_initrd(
         .map(|a| a & !0xfff)
         .filter(|a| *a >= kernel_end)
         .ok_or(too_small)?;
+    // Its last byte must be RAM (an initrd that ends exactly at the top of RAM fits).
     let region_ok = mem
-        .checked_offset(GuestAddress(addr), size as usize)
+        .checked_offset(GuestAddress(addr), size.saturating_sub(1) as usize)
         .is_some();
     if !region_ok {
         return Err(BootError::Write("initrd"));
@@ -240,6 +295,86 @@ mod tests {
                 .contains("cannot read kernel /nonexistent/vmlinuz"),
             "{err}"
         );
+    }
+
+    /// A minimal x86-64 ELF kernel: one PT_LOAD of `body` at physical 16 MiB, entry there.
+    fn tiny_elf(body: &[u8]) -> Vec<u8> {
+        const LOAD: u64 = 0x100_0000;
+        const DATA_AT: u64 = 0x1000;
+        let mut f = vec![0u8; DATA_AT as usize];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2; // 64-bit
+        f[5] = 1; // little-endian
+        f[6] = 1; // version
+        f[0x10..0x12].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        f[0x12..0x14].copy_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+        f[0x14..0x18].copy_from_slice(&1u32.to_le_bytes());
+        f[0x18..0x20].copy_from_slice(&LOAD.to_le_bytes()); // entry
+        f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes()); // phoff
+        f[0x34..0x36].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+        f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+        f[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes()); // phnum
+        let ph = &mut f[64..120];
+        ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        ph[4..8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+        ph[0x08..0x10].copy_from_slice(&DATA_AT.to_le_bytes()); // offset
+        ph[0x10..0x18].copy_from_slice(&LOAD.to_le_bytes()); // vaddr
+        ph[0x18..0x20].copy_from_slice(&LOAD.to_le_bytes()); // paddr
+        let len = body.len() as u64;
+        ph[0x20..0x28].copy_from_slice(&len.to_le_bytes()); // filesz
+        ph[0x28..0x30].copy_from_slice(&len.to_le_bytes()); // memsz
+        ph[0x30..0x38].copy_from_slice(&0x1000u64.to_le_bytes()); // align
+        f.extend_from_slice(body);
+        f
+    }
+
+    #[test]
+    fn kernel_and_initrd_load_side_by_side_intact() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let body: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let k = tmpfile("tiny-elf", &tiny_elf(&body));
+        let rd: Vec<u8> = (0..5 << 20).map(|i: u32| (i % 241) as u8).collect();
+        let i = tmpfile("tiny-initrd", &rd);
+        let (kernel, initrd) = load_kernel_and_initrd(&mem, &k, Some(&i), 64 << 20).unwrap();
+        assert_eq!(kernel.format, KernelFormat::Elf);
+        assert_eq!(kernel.end, 0x100_0000 + (3 << 20));
+        let (addr, size) = initrd.unwrap();
+        assert_eq!((addr, size), ((64 << 20) - (5 << 20), 5 << 20));
+        let mut back = vec![0u8; body.len()];
+        mem.read_slice(&mut back, GuestAddress(0x100_0000)).unwrap();
+        assert!(back == body, "the kernel's bytes");
+        let mut back = vec![0u8; rd.len()];
+        mem.read_slice(&mut back, GuestAddress(addr)).unwrap();
+        assert!(back == rd, "the initrd's bytes");
+        // Without an initrd.
+        let (_, none) = load_kernel_and_initrd(&mem, &k, None, 64 << 20).unwrap();
+        assert_eq!(none, None);
+        let _ = std::fs::remove_file(k);
+        let _ = std::fs::remove_file(i);
+    }
+
+    #[test]
+    fn an_initrd_that_does_not_fit_above_the_kernel_is_refused() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
+        let k = tmpfile("tiny-elf-2", &tiny_elf(&vec![0x90u8; 8 << 20]));
+        let i = tmpfile("big-initrd", &vec![1u8; 12 << 20]);
+        let err = load_kernel_and_initrd(&mem, &k, Some(&i), 32 << 20).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BootError::TooSmall {
+                    what: "the initrd",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let missing =
+            load_kernel_and_initrd(&mem, &k, Some(Path::new("/nonexistent/rd")), 32 << 20)
+                .unwrap_err();
+        assert!(missing.to_string().contains("/nonexistent/rd"), "{missing}");
+        let _ = std::fs::remove_file(k);
+        let _ = std::fs::remove_file(i);
     }
 
     #[test]

@@ -4,7 +4,8 @@ pub mod kernel;
 pub mod params;
 
 pub use kernel::{
-    load_initrd, load_kernel, probe_initrd, probe_kernel, KernelFormat, LoadedKernel,
+    load_initrd, load_kernel, load_kernel_and_initrd, probe_initrd, probe_kernel, KernelFormat,
+    LoadedKernel,
 };
 pub use params::{e820_map, write_linux_boot_params, write_pvh_start_info, E820Entry};
 
