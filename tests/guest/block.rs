@@ -101,6 +101,31 @@ fn guest_kernel_sees_a_read_only_drive() {
     assert_eq!(disk.sha256(), before, "a read-only drive was written");
 }
 
+/// A loop device over an image, detached on drop.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_host_block_device_is_a_drive_too() {
+    // A block device has no file size: the drive is sized by seeking to its end.
+    let disk = Disk::ext4("loop");
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&disk.0)
+        .output()
+        .unwrap_or_else(|e| panic!("losetup (util-linux): {e}"));
+    assert!(out.status.success(), "losetup: {out:?}");
+    let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    assert!(dev.0.starts_with("/dev/loop"), "{dev:?}", dev = dev.0);
+    let run = boot_with_drive(&format!("path={},serial=hull-test-loop", dev.0));
+    assert_sees_vda(&run);
+}
+
 /// The fixtures initramfs (busybox rootfs in the guest), made by `cargo xtask test`.
 fn fixtures_initrd() -> PathBuf {
     std::env::var_os("HULL_FIXTURES_INITRD")

@@ -44,6 +44,8 @@ pub const L1_MODULES: &[&str] = &[
     "tap",
     "tun",
     "vhost_net",
+    // Loop devices: a virtio-blk drive on a real host block device (guest_block).
+    "loop",
 ];
 
 /// Where Debian's busybox-static puts its binary.
