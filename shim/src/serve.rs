@@ -43,8 +43,12 @@ fn log_to_fifo() {
     }
 }
 
+/// When this serving process started (for the timing fields of the log).
+pub static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
 /// Serves until Shutdown.
 pub fn serve(args: &Args) -> Result<()> {
+    STARTED.get_or_init(std::time::Instant::now);
     log_to_fifo();
     // The socket `start` bound for this sandbox (the bundle may be gone when we exit).
     let socket = std::env::current_dir()

@@ -605,7 +605,11 @@ impl Task for Service {
         req: api::CreateTaskRequest,
     ) -> ttrpc::Result<api::CreateTaskResponse> {
         let id = req.id.clone();
-        tracing::info!(container = %id, bundle = %req.bundle, terminal = req.terminal, "create");
+        let since_serve_ms = crate::serve::STARTED
+            .get()
+            .map_or(0, |t| t.elapsed().as_millis() as u64);
+        tracing::info!(container = %id, bundle = %req.bundle, terminal = req.terminal, since_serve_ms, "create");
+        let t_create = std::time::Instant::now();
         if !req.checkpoint.is_empty() {
             return Err(status(
                 Code::UNIMPLEMENTED,
@@ -728,6 +732,7 @@ impl Task for Service {
         });
         e.pid = sb.vmm_pid;
         self.inner.publisher.publish(Event::Create(e));
+        tracing::info!(container = %id, ms = t_create.elapsed().as_millis() as u64, "created");
         let mut resp = api::CreateTaskResponse::new();
         resp.pid = sb.vmm_pid;
         Ok(resp)

@@ -134,6 +134,40 @@ fn run_prints_the_guest_kernel_and_echo_is_byte_exact() {
 }
 
 #[test]
+fn volumes_reach_the_container_read_only_or_read_write() {
+    let _m = machine();
+    let c = ctd();
+    let ro = c.dir.join("vol-ro");
+    let rw = c.dir.join("vol-rw");
+    for d in [&ro, &rw] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(ro.join("in.txt"), "from the host\n").unwrap();
+    let ro_mount = format!("type=bind,src={},dst=/ro,options=rbind:ro", ro.display());
+    let rw_mount = format!("type=bind,src={},dst=/rw,options=rbind:rw", rw.display());
+    let out = ctr_run(
+        "volumes",
+        &["--mount", &ro_mount, "--mount", &rw_mount],
+        &[
+            "sh",
+            "-c",
+            "cat /ro/in.txt; touch /ro/new 2>/dev/null && echo ro-written || echo ro-refused; \
+             echo from the guest > /rw/out.txt && echo rw-written",
+        ],
+        None,
+    );
+    assert_ok(&out, "ctr run --mount");
+    assert_eq!(text(&out.stdout), "from the host\nro-refused\nrw-written\n");
+    assert!(!ro.join("new").exists(), "the read-only volume was written");
+    assert_eq!(
+        std::fs::read_to_string(rw.join("out.txt")).unwrap(),
+        "from the guest\n",
+        "what the container wrote is on the host"
+    );
+    wait_clean();
+}
+
+#[test]
 fn exit_codes_come_back() {
     let _m = machine();
     for (code, script) in [

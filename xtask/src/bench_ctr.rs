@@ -226,7 +226,24 @@ pub fn inner(a: &InnerArgs) -> Result<()> {
         }
     };
     println!(
-        "hull_phases_ms vm_up={} create_in_guest={} vm_stopped={}; sandbox_pss_mib_at_start={:.1}",
+        "hull_phases_ms shim_serving_to_create={} create={} vm_up={} create_in_guest={} vm_stopped={}; sandbox_pss_mib_at_start={:.1}",
+        {
+            let v: Vec<f64> = log
+                .lines()
+                .filter(|l| l.contains(" create ") || l.ends_with(" create"))
+                .filter_map(|l| {
+                    l.split_whitespace()
+                        .find_map(|w| w.strip_prefix("since_serve_ms="))
+                        .and_then(|v| v.parse().ok())
+                })
+                .collect();
+            if v.is_empty() {
+                "?".to_string()
+            } else {
+                format!("{:.0}", crate::bench::median(v))
+            }
+        },
+        phase(" created"),
         phase("sandbox VM up"),
         phase("CreateContainer in the guest"),
         phase("sandbox VM stopped"),
