@@ -62,6 +62,14 @@ pub enum SandboxError {
         /// What happened (its log).
         why: String,
     },
+    /// Another sandbox of the same id runs (the same id in another containerd namespace).
+    #[error("a sandbox named {id} is already running on this host ({dir}): Hull keeps one sandbox per id across containerd namespaces; use another id")]
+    InUse {
+        /// The sandbox id.
+        id: String,
+        /// Its directory.
+        dir: PathBuf,
+    },
     /// The VM never got to a working agent.
     #[error("the sandbox VM did not come up: {why}")]
     Boot {
@@ -125,9 +133,14 @@ pub fn sandbox_dir(cfg: &Config, id: &str) -> PathBuf {
 impl Sandbox {
     /// Starts sandbox `id` sized `size`: directories, virtiofsd, hull-vmm, then waits for the
     /// agent. On failure everything started is stopped again.
-    pub async fn start(cfg: &Config, id: &str, size: Sizing) -> Result<Self, SandboxError> {
+    pub async fn start(
+        cfg: &Config,
+        namespace: &str,
+        id: &str,
+        size: Sizing,
+    ) -> Result<Self, SandboxError> {
         let dir = sandbox_dir(cfg, id);
-        std::fs::create_dir_all(&dir).map_err(io("create the sandbox directory", &dir))?;
+        claim_dir(id, namespace, &dir)?;
         // The shim joins the sandbox's cgroup first: what it spawns starts in there.
         let cgroup = HostCgroup::create(id, &[]);
         let mut fsd = None;
@@ -420,27 +433,132 @@ pub fn cleanup_dir(dir: &Path) {
     }
 }
 
+/// The processes a sandbox directory's pid files name that still run and still are what a
+/// sandbox started (hull-vmm, virtiofsd: checked by their executable's name).
+fn live_pids(dir: &Path) -> Vec<i32> {
+    [("vmm.pid", "hull-vmm"), ("virtiofsd.pid", "virtiofsd")]
+        .into_iter()
+        .filter_map(|(file, name)| {
+            let pid = std::fs::read_to_string(dir.join(file))
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+                .filter(|&p| p > 1)?;
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+            exe.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(name))
+                .then_some(pid)
+        })
+        .collect()
+}
+
+/// The file in a sandbox directory naming the containerd namespace that owns it.
+const OWNER_FILE: &str = "namespace";
+
+/// Whether sandbox `id`'s directory is `namespace`'s (or there is none): a `delete` from another
+/// namespace, for a container of the same id whose create was refused, must not touch it.
+pub fn owned_by(cfg: &Config, id: &str, namespace: &str) -> bool {
+    match std::fs::read_to_string(sandbox_dir(cfg, id).join(OWNER_FILE)) {
+        Ok(owner) => owner == namespace,
+        Err(_) => true,
+    }
+}
+
+/// Creates the sandbox's directory, which must be this sandbox's alone, and marks it as
+/// `namespace`'s. A directory left by a dead sandbox of the same id is cleaned and taken; one
+/// whose hull-vmm or virtiofsd still runs (the same id in another containerd namespace) is
+/// refused and left untouched.
+fn claim_dir(id: &str, namespace: &str, dir: &Path) -> Result<(), SandboxError> {
+    claim_empty_dir(id, dir)?;
+    let owner = dir.join(OWNER_FILE);
+    std::fs::write(&owner, namespace).map_err(io("write", &owner))
+}
+
+fn claim_empty_dir(id: &str, dir: &Path) -> Result<(), SandboxError> {
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).map_err(io("create the state directory", parent))?;
+    }
+    match std::fs::create_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            if !live_pids(dir).is_empty() {
+                return Err(SandboxError::InUse {
+                    id: id.to_string(),
+                    dir: dir.to_path_buf(),
+                });
+            }
+            tracing::info!(dir = %dir.display(), "taking over the directory of a dead sandbox");
+            cleanup_dir(dir);
+            std::fs::create_dir(dir).map_err(io("create the sandbox directory", dir))
+        }
+        other => other.map_err(io("create the sandbox directory", dir)),
+    }
+}
+
 /// What `delete` does when the shim is gone: kill the sandbox's processes (by their pid files,
 /// checking they still are what we started) and remove its directory.
-pub fn force_cleanup(cfg: &Config, id: &str) {
+pub fn force_cleanup(cfg: &Config, id: &str, namespace: &str) {
+    if !owned_by(cfg, id, namespace) {
+        tracing::info!(
+            sandbox = id,
+            namespace,
+            "the sandbox directory is another namespace's: left alone"
+        );
+        return;
+    }
     let dir = sandbox_dir(cfg, id);
-    for (file, name) in [("vmm.pid", "hull-vmm"), ("virtiofsd.pid", "virtiofsd")] {
-        let Some(pid) = std::fs::read_to_string(dir.join(file))
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok())
-            .filter(|&p| p > 1)
-        else {
-            continue;
-        };
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-        if exe
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with(name))
-        {
-            // SAFETY: kill(2) with a pid we checked is the process we started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
+    for pid in live_pids(&dir) {
+        // SAFETY: kill(2) with a pid we checked is the process we started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     cleanup_dir(&dir);
     crate::hostcg::force_remove(id);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_or_dead_sandbox_directory_is_taken_a_live_one_refused() {
+        let state = tempfile::tempdir().unwrap();
+        let dir = state.path().join("ns-a").join("sb1");
+        claim_dir("sb1", "ns-a", &dir).unwrap();
+        assert!(dir.is_dir());
+        assert_eq!(
+            std::fs::read_to_string(dir.join(OWNER_FILE)).unwrap(),
+            "ns-a"
+        );
+
+        // Left by a dead sandbox: its pid files name nothing that runs.
+        std::fs::write(dir.join("vmm.pid"), "999999999").unwrap();
+        std::fs::write(dir.join("left-over"), "x").unwrap();
+        claim_dir("sb1", "ns-b", &dir).unwrap();
+        assert!(
+            !dir.join("left-over").exists(),
+            "the dead sandbox's files were cleaned"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join(OWNER_FILE)).unwrap(),
+            "ns-b"
+        );
+
+        // A running "hull-vmm" (a copy of sleep under that name) owns it: refused, untouched.
+        let exe = state.path().join("hull-vmm-stand-in");
+        std::fs::copy("/bin/sleep", &exe).unwrap();
+        let mut vmm = std::process::Command::new(&exe).arg("60").spawn().unwrap();
+        std::fs::write(dir.join("vmm.pid"), vmm.id().to_string()).unwrap();
+        std::fs::write(dir.join("theirs"), "x").unwrap();
+        let e = claim_dir("sb1", "ns-c", &dir).unwrap_err();
+        let _ = vmm.kill();
+        let _ = vmm.wait();
+        assert!(matches!(e, SandboxError::InUse { .. }), "{e}");
+        assert!(e.to_string().contains("use another id"), "{e}");
+        assert!(
+            dir.join("theirs").exists(),
+            "a live sandbox's directory was touched"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join(OWNER_FILE)).unwrap(),
+            "ns-b"
+        );
+    }
 }

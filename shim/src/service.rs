@@ -243,9 +243,15 @@ impl Service {
             .sizing(annotations)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let t = std::time::Instant::now();
-        let sb = Sandbox::start(cfg, id, size)
+        let sb = Sandbox::start(cfg, &self.inner.namespace, id, size)
             .await
-            .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+            .map_err(|e| {
+                let code = match e {
+                    crate::sandbox::SandboxError::InUse { .. } => Code::ALREADY_EXISTS,
+                    _ => Code::INTERNAL,
+                };
+                status(code, e.to_string())
+            })?;
         tracing::info!(
             sandbox = id,
             vcpus = size.vcpus,

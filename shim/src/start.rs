@@ -142,9 +142,11 @@ pub fn delete(args: &Args) -> Result<()> {
     let group = group_of(&bundle, &args.id)
         .map(|(g, _)| g)
         .unwrap_or_else(|_| args.id.clone());
-    if group == args.id {
+    if !crate::sandbox::owned_by(&cfg, &group, &args.namespace) {
+        // The same id in another namespace runs there (this one's create was refused).
+    } else if group == args.id {
         // The sandbox's own container: the whole sandbox goes.
-        crate::sandbox::force_cleanup(&cfg, &group);
+        crate::sandbox::force_cleanup(&cfg, &group, &args.namespace);
     } else {
         // A container of a pod whose shim died: only its share.
         let dir = crate::sandbox::sandbox_dir(&cfg, &group)
