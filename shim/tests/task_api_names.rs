@@ -126,32 +126,15 @@ fn start_prints_a_plain_address_and_both_task_api_names_answer_on_it() {
     assert_eq!(resp.status.code.value(), ttrpc::Code::OK as i32);
     drop(client);
     let path = address.trim_start_matches("unix://");
+    let mut alive = hull_agent_api::client::process_alive(pid as u32);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while (Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid))
-        && std::time::Instant::now() < deadline
-    {
+    while alive() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert!(
-        !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid),
-        "the shim still runs after Shutdown"
-    );
+    assert!(!alive(), "the shim still runs after Shutdown");
     guard.0 = None;
     assert!(
         !Path::new(path).exists(),
         "the shim's socket is left: {path}"
     );
-}
-
-/// Whether `pid` has exited but is not reaped (its parent, `start`, is gone; init reaps it).
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-        .unwrap_or(true)
 }

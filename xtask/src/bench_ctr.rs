@@ -54,13 +54,13 @@ fn run_once(ctd: &Containerd, runtime: &str, id: &str) -> Result<f64> {
     Ok(ms)
 }
 
-/// The `ms=` values of the shim log lines (in containerd's log) saying `msg`.
-fn log_ms(log: &str, msg: &str) -> Vec<f64> {
+/// The `key` values (e.g. `ms=`) of the shim log lines (in containerd's log) saying `msg`.
+fn log_ms(log: &str, msg: &str, key: &str) -> Vec<f64> {
     log.lines()
         .filter(|l| l.contains(msg))
         .filter_map(|l| {
             l.split_whitespace()
-                .find_map(|w| w.strip_prefix("ms="))
+                .find_map(|w| w.strip_prefix(key))
                 .and_then(|v| v.trim_matches('"').parse().ok())
         })
         .collect()
@@ -217,8 +217,8 @@ pub fn inner(a: &InnerArgs) -> Result<()> {
 
     let (hm, rm) = (crate::bench::median(hull), crate::bench::median(runc));
     let log = ctd.log();
-    let phase = |msg: &str| {
-        let v = log_ms(&log, msg);
+    let phase = |msg: &str, key: &str| {
+        let v = log_ms(&log, msg, key);
         if v.is_empty() {
             "?".to_string()
         } else {
@@ -227,26 +227,11 @@ pub fn inner(a: &InnerArgs) -> Result<()> {
     };
     println!(
         "hull_phases_ms shim_serving_to_create={} create={} vm_up={} create_in_guest={} vm_stopped={}; sandbox_pss_mib_at_start={:.1}",
-        {
-            let v: Vec<f64> = log
-                .lines()
-                .filter(|l| l.contains(" create ") || l.ends_with(" create"))
-                .filter_map(|l| {
-                    l.split_whitespace()
-                        .find_map(|w| w.strip_prefix("since_serve_ms="))
-                        .and_then(|v| v.parse().ok())
-                })
-                .collect();
-            if v.is_empty() {
-                "?".to_string()
-            } else {
-                format!("{:.0}", crate::bench::median(v))
-            }
-        },
-        phase(" created"),
-        phase("sandbox VM up"),
-        phase("CreateContainer in the guest"),
-        phase("sandbox VM stopped"),
+        phase(" create ", "since_serve_ms="),
+        phase(" created", "ms="),
+        phase("sandbox VM up", "ms="),
+        phase("CreateContainer in the guest", "ms="),
+        phase("sandbox VM stopped", "ms="),
         total(at_start)
     );
     println!(

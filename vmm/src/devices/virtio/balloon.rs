@@ -260,13 +260,7 @@ impl VirtioDevice for Balloon {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| self.config.get(o).copied())
-                .unwrap_or(0);
-        }
+        super::read_config_space(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -443,6 +437,14 @@ mod tests {
             .collect()
     }
 
+    /// The driver's side of the three queues on `mem`, the device activated with them.
+    fn activated<'m>(h: &mut Harness, mem: &'m GuestMemoryMmap) -> Vec<Driver<'m>> {
+        let qs = drivers(mem);
+        h.activate(qs.iter().map(|d| d.queue(false)).collect(), FEATURES)
+            .unwrap();
+        qs
+    }
+
     const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_BALLOON_F_REPORTING;
 
     #[test]
@@ -468,9 +470,7 @@ mod tests {
     fn a_report_gives_the_pages_back_and_the_guest_reads_zeros() {
         let mut h = Harness::new();
         let mem = h.mem.clone();
-        let mut qs = drivers(&mem);
-        let queues = qs.iter().map(|d| d.queue(false)).collect();
-        h.activate(queues, FEATURES).unwrap();
+        let mut qs = activated(&mut h, &mem);
         // The guest used 2 MiB at RANGE and then freed it.
         h.mem
             .write_slice(&vec![0xa5u8; 2 << 20], GuestAddress(RANGE))
@@ -509,9 +509,7 @@ mod tests {
     fn malformed_ranges_are_skipped_and_the_chain_comes_back() {
         let mut h = Harness::new();
         let mem = h.mem.clone();
-        let mut qs = drivers(&mem);
-        let queues = qs.iter().map(|d| d.queue(false)).collect();
-        h.activate(queues, FEATURES).unwrap();
+        let mut qs = activated(&mut h, &mem);
         h.mem
             .write_slice(&[0x5au8; 4096], GuestAddress(RANGE))
             .unwrap();
@@ -536,9 +534,7 @@ mod tests {
     fn inflate_and_deflate_buffers_come_back_untouched() {
         let mut h = Harness::new();
         let mem = h.mem.clone();
-        let mut qs = drivers(&mem);
-        let queues = qs.iter().map(|d| d.queue(false)).collect();
-        h.activate(queues, FEATURES).unwrap();
+        let mut qs = activated(&mut h, &mem);
         h.mem
             .write_slice(&[0x77u8; 4096], GuestAddress(RANGE))
             .unwrap();
@@ -579,17 +575,13 @@ mod tests {
         let mut h = Harness::new();
         {
             let mem = h.mem.clone();
-            let qs = drivers(&mem);
-            let queues = qs.iter().map(|d| d.queue(false)).collect();
-            h.activate(queues, FEATURES).unwrap();
+            activated(&mut h, &mem);
         }
         h.dev.lock().unwrap().reset();
         h.pump();
         assert!(!h.dev.lock().unwrap().is_activated());
         let mem = h.mem.clone();
-        let mut qs = drivers(&mem);
-        let queues = qs.iter().map(|d| d.queue(false)).collect();
-        h.activate(queues, FEATURES).unwrap();
+        let mut qs = activated(&mut h, &mem);
         let head = qs[REPORTING_QUEUE].add_chain(&[Seg::Raw(RANGE, 4096, true)]);
         h.kick(REPORTING_QUEUE);
         assert_eq!(qs[REPORTING_QUEUE].take_used(), vec![(head, 0)]);

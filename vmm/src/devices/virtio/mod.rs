@@ -51,6 +51,18 @@ pub mod device_type {
     pub const FS: u32 = 26;
 }
 
+/// Reads `data.len()` bytes of a device's config space `config` from `offset`, as the transport
+/// asks: bytes past its end (or an offset that overflows) read as zero.
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o).copied())
+            .unwrap_or(0);
+    }
+}
+
 /// Why an interrupt is raised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InterruptType {
