@@ -264,6 +264,11 @@ pub fn unmount_all() {
 /// and as a very last resort sleeps forever rather than exit (PID 1 exiting panics the kernel).
 pub fn power_off() -> ! {
     nix::unistd::sync();
+    // What we wrote to the console may still be in the tty's transmit buffer: the kernel's own
+    // "reboot: Power down" goes straight to the UART and would land in the middle of our last
+    // line (seen: the ready marker's `kernel=` value ending in the kernel's `[`). Wait for it.
+    // A console that is not a tty (or none) just fails, which is fine.
+    let _ = nix::sys::termios::tcdrain(std::io::stdout());
     for mode in [
         RebootMode::RB_POWER_OFF,
         RebootMode::RB_HALT_SYSTEM,
