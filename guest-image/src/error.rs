@@ -53,6 +53,27 @@ pub enum Error {
         root: PathBuf,
     },
 
+    /// The kernel source tarball is not installed.
+    #[error("no kernel source at {path}: apt-get install {packages}")]
+    KernelSource {
+        /// Where the tarball should be.
+        path: PathBuf,
+        /// What to install.
+        packages: &'static str,
+    },
+
+    /// Kconfig dropped options of Hull's kernel configuration (their dependencies are off).
+    #[error(
+        "the kernel configuration did not take these settings of {fragment}: {options}: \
+         add the options they depend on to the fragment (see 'make menuconfig', '/' to search)"
+    )]
+    KernelConfig {
+        /// The fragment.
+        fragment: PathBuf,
+        /// The settings that did not take.
+        options: String,
+    },
+
     /// Reading or writing a file failed.
     #[error("cannot {action} {path}: {source}")]
     Io {

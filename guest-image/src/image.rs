@@ -1,5 +1,5 @@
 //! The whole guest image, built incrementally into one output directory (`target/guest/`):
-//! `vmlinuz` (the cloud bzImage), `vmlinux` (its ELF), `initramfs.cpio` (uncompressed newc: the fastest
+//! `vmlinuz` (the cloud bzImage, or Hull's own kernel with [`GuestKernel::Hull`]), `vmlinux` (its ELF), `initramfs.cpio` (uncompressed newc: the fastest
 //! to boot), `kernel-release`. Each step records a fingerprint of its inputs (paths, sizes, mtimes,
 //! the layout version) under `.stamps/` and is skipped while that fingerprint and its outputs stand.
 
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 use crate::error::{Error, Result};
-use crate::{agent, cpio, extract_vmlinux, kernel, Flavour, KernelPackage};
+use crate::{agent, cpio, extract_vmlinux, kbuild, kernel, Flavour, KernelPackage};
 
 /// The modules the guest init loads (with their dependencies): the virtio-mmio transport, vsock to
 /// the host, block, virtio-fs, overlayfs, and the balloon (free page reporting). No virtio-net:
@@ -27,6 +27,9 @@ pub const GUEST_MODULES: &[&str] = &[
     "fuse",
     "overlay",
 ];
+
+/// Hull's kernel configuration fragment, relative to the workspace root.
+pub const KERNEL_CONFIG: &str = "guest-image/kernel/hull.config";
 
 /// In the guest: the list of modules to load, one absolute path a line, dependencies first.
 pub const LOAD_ORDER_PATH: &str = "/lib/modules/load-order";
@@ -51,6 +54,25 @@ pub struct BuildOptions {
     pub force: bool,
     /// Print a line per step on stdout.
     pub progress: bool,
+    /// Which guest kernel.
+    pub kernel: GuestKernel,
+}
+
+/// Which kernel the guest image boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuestKernel {
+    /// Debian's cloud kernel package, its drivers loaded as modules by the agent (the default).
+    #[default]
+    DebianCloud,
+    /// Hull's own build of Debian's kernel source (see [`crate::kbuild`]): everything built in, no
+    /// modules. Opt-in (`HULL_GUEST_KERNEL=hull`): see the note atop `guest-image/kernel/hull.config`.
+    Hull,
+}
+
+/// Where a kernel comes from, for steps 3 and 4.
+enum KernelSource {
+    Debian(KernelPackage),
+    Built(kbuild::BuiltKernel),
 }
 
 /// A built guest image.
@@ -98,27 +120,53 @@ pub fn build(opts: &BuildOptions) -> Result<GuestImage> {
     let (vmlinuz, vmlinux, initramfs, release_file) = GuestImage::paths(out);
 
     // 1. kernel
-    if opts.progress && !opts.cache_dir.exists() {
-        println!(
-            "guest-image: [1/4] kernel: downloading into {}",
-            opts.cache_dir.display()
-        );
-    }
-    let fetched = kernel::fetch(&opts.cache_dir, Flavour::Cloud)?;
-    let kpkg = &fetched.package;
-    step(
-        1,
-        "kernel",
-        &format!(
-            "{} {}",
-            fetched.name,
-            if fetched.fresh {
-                "downloaded"
-            } else {
-                "(cached)"
+    let source = match opts.kernel {
+        GuestKernel::DebianCloud => {
+            if opts.progress && !opts.cache_dir.exists() {
+                println!(
+                    "guest-image: [1/4] kernel: downloading into {}",
+                    opts.cache_dir.display()
+                );
             }
-        ),
-    );
+            let fetched = kernel::fetch(&opts.cache_dir, Flavour::Cloud)?;
+            step(
+                1,
+                "kernel",
+                &format!(
+                    "{} {}",
+                    fetched.name,
+                    if fetched.fresh {
+                        "downloaded"
+                    } else {
+                        "(cached)"
+                    }
+                ),
+            );
+            KernelSource::Debian(fetched.package)
+        }
+        GuestKernel::Hull => {
+            let fragment = opts.workspace_root.join(KERNEL_CONFIG);
+            if opts.progress {
+                print!(
+                    "guest-image: [1/4] kernel (linux-source-6.1 + {KERNEL_CONFIG}, minutes when it changed): "
+                );
+                let _ = std::io::stdout().flush();
+            }
+            let built = kbuild::build(&opts.cache_dir, &fragment)?;
+            if opts.progress {
+                println!(
+                    "{} {}",
+                    built.release,
+                    if built.rebuilt { "built" } else { "(cached)" }
+                );
+            }
+            KernelSource::Built(built)
+        }
+    };
+    let release = match &source {
+        KernelSource::Debian(k) => k.release.clone(),
+        KernelSource::Built(b) => b.release.clone(),
+    };
 
     // 2. agent
     if opts.progress {
@@ -135,25 +183,34 @@ pub fn build(opts: &BuildOptions) -> Result<GuestImage> {
     }
 
     // 3. kernel images
-    let src = kpkg.vmlinuz();
-    let fp = format!("v{LAYOUT_VERSION}\n{}\n{}", kpkg.release, file_id(&src)?);
+    let (bz_src, elf_src) = match &source {
+        KernelSource::Debian(k) => (k.vmlinuz(), None),
+        KernelSource::Built(b) => (b.bzimage.clone(), Some(b.vmlinux.clone())),
+    };
+    let mut fp = format!("v{LAYOUT_VERSION}\n{release}\n{}", file_id(&bz_src)?);
+    if let Some(e) = &elf_src {
+        let _ = write!(fp, "\n{}", file_id(e)?);
+    }
     let outputs = [&vmlinuz, &vmlinux, &release_file];
     if !opts.force && fresh(out, "kernel", &fp, &outputs) {
         step(3, "vmlinuz + vmlinux", "(cached)");
     } else {
-        let bz = fs::read(&src).map_err(Error::io("read", &src))?;
-        let mut elf = extract_vmlinux(&bz)?;
+        let bz = fs::read(&bz_src).map_err(Error::io("read", &bz_src))?;
+        let mut elf = match &elf_src {
+            Some(e) => fs::read(e).map_err(Error::io("read", e))?,
+            None => extract_vmlinux(&bz)?,
+        };
         // Less to copy into guest memory at every boot.
         let trimmed = crate::elf::trim_zero_tails(&mut elf);
         write_atomic(&vmlinuz, &bz)?;
         write_atomic(&vmlinux, &elf)?;
-        write_atomic(&release_file, format!("{}\n", kpkg.release).as_bytes())?;
+        write_atomic(&release_file, format!("{release}\n").as_bytes())?;
         record(out, "kernel", &fp)?;
         step(
             3,
             "vmlinuz + vmlinux",
             &format!(
-                "extracted ({} -> {}, {} of zero segment tails not loaded)",
+                "written ({} -> {}, {} of zero segment tails not loaded)",
                 human(bz.len() as u64),
                 human(elf.len() as u64),
                 human(trimmed)
@@ -162,16 +219,19 @@ pub fn build(opts: &BuildOptions) -> Result<GuestImage> {
     }
 
     // 4. initramfs
-    let module_paths = kpkg.module_load_order(GUEST_MODULES)?;
-    let guest_paths = module_paths
-        .iter()
-        .map(|p| in_guest_path(kpkg, p))
-        .collect::<Result<Vec<_>>>()?;
-    let mut fp = format!(
-        "v{LAYOUT_VERSION}\n{}\n{}\n",
-        kpkg.release,
-        file_id(&agent.path)?
-    );
+    // Hull's kernel has its drivers built in: an empty load order.
+    let (module_paths, guest_paths) = match &source {
+        KernelSource::Debian(kpkg) => {
+            let module_paths = kpkg.module_load_order(GUEST_MODULES)?;
+            let guest_paths = module_paths
+                .iter()
+                .map(|p| in_guest_path(kpkg, p))
+                .collect::<Result<Vec<_>>>()?;
+            (module_paths, guest_paths)
+        }
+        KernelSource::Built(_) => (Vec::new(), Vec::new()),
+    };
+    let mut fp = format!("v{LAYOUT_VERSION}\n{release}\n{}\n", file_id(&agent.path)?);
     for p in &module_paths {
         let _ = writeln!(fp, "{}", file_id(p)?);
     }
@@ -198,7 +258,7 @@ pub fn build(opts: &BuildOptions) -> Result<GuestImage> {
         vmlinux,
         initramfs,
         kernel_release_file: release_file,
-        release: kpkg.release.clone(),
+        release,
         agent: agent.path,
         modules: guest_paths,
     })
@@ -275,7 +335,7 @@ fn in_guest_path(kpkg: &KernelPackage, module: &Path) -> Result<String> {
 }
 
 /// `path size mtime`: changes whenever the file is rewritten.
-fn file_id(path: &Path) -> Result<String> {
+pub(crate) fn file_id(path: &Path) -> Result<String> {
     let md = fs::metadata(path).map_err(Error::io("stat", path))?;
     let mtime = md
         .modified()

@@ -1,6 +1,7 @@
 //! Builds Hull's guest image: a Debian kernel (fetched with `apt-get download`, never installed on the
-//! host) and an initramfs whose `/init` is the static `hull-agent`. Also used by the nested-KVM harness
-//! to fetch its L1 kernel and pack its L1 initramfs.
+//! host), or with [`GuestKernel::Hull`] Hull's own build of Debian's kernel source, and an initramfs
+//! whose `/init` is the static `hull-agent`. Also used by the nested-KVM harness to fetch its L1
+//! kernel and pack its L1 initramfs.
 //!
 //! API contract (the harness codes against these signatures):
 //! - [`fetch_kernel`] downloads + unpacks a kernel package into a cache dir, incrementally.
@@ -9,9 +10,9 @@
 //! - [`extract_vmlinux`] turns a bzImage into its uncompressed ELF vmlinux.
 //! - [`build`] produces the whole guest image (`cargo xtask guest-image`).
 //!
-//! One module per concern: `kernel` (fetch/unpack), `modules` (depmod, load order), [`cpio`],
-//! `vmlinux` (bzImage payload), `agent` (the static `/init`), `image` (the incremental build),
-//! `error`.
+//! One module per concern: `kbuild` (the guest kernel build), `kernel` (Debian package fetch/unpack),
+//! `modules` (depmod, load order), [`cpio`], `vmlinux` (bzImage payload), `agent` (the static
+//! `/init`), `image` (the incremental build), `error`.
 
 mod agent;
 mod cmd;
@@ -19,6 +20,7 @@ pub mod cpio;
 mod elf;
 mod error;
 mod image;
+mod kbuild;
 mod kernel;
 mod modules;
 mod vmlinux;
@@ -27,7 +29,11 @@ use std::path::PathBuf;
 
 pub use agent::{AGENT_RUSTFLAGS, AGENT_TARGET};
 pub use error::{Error, Result};
-pub use image::{build, human, BuildOptions, GuestImage, GUEST_MODULES, LOAD_ORDER_PATH};
+pub use image::{
+    build, human, BuildOptions, GuestImage, GuestKernel, GUEST_MODULES, KERNEL_CONFIG,
+    LOAD_ORDER_PATH,
+};
+pub use kbuild::{BuiltKernel, BUILD_PACKAGES, SOURCE_TARBALL};
 pub use kernel::fetch_kernel;
 pub use vmlinux::extract_vmlinux;
 

@@ -233,10 +233,17 @@ impl Sandbox {
         let agent = match connect_watching(&target, deadline, process_alive(pid)).await {
             Ok(a) => a,
             Err(e) => {
+                // Whether the VM is still up (the agent did not answer in time) or ended. When we
+                // stop a VM that is up, virtiofsd then exits 0 because its frontend went away:
+                // that is a consequence, not the cause, and must not be reported as one.
+                let vmm_was_up = matches!(vmm.try_wait(), Ok(None));
+                let fsd_ended_first = vmm_was_up && virtiofsd_ended(fsd_slot);
                 let _ = vmm.start_kill();
                 let status = vmm.wait().await.ok();
-                if let Some(e) = virtiofsd_failure(cfg, dir, fsd_slot).await {
-                    return Err(e);
+                if !vmm_was_up || fsd_ended_first {
+                    if let Some(e) = virtiofsd_failure(cfg, dir, fsd_slot).await {
+                        return Err(e);
+                    }
                 }
                 return Err(SandboxError::Boot {
                     why: format!(
@@ -384,6 +391,12 @@ fn spawn_virtiofsd(
 
 /// The descriptor virtiofsd gets its listening socket on.
 const VIRTIOFSD_FD: i32 = 3;
+
+/// Whether virtiofsd has exited already (without waiting).
+fn virtiofsd_ended(fsd: &mut Option<Child>) -> bool {
+    fsd.as_mut()
+        .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+}
 
 /// After a failed boot: if virtiofsd died, why (its status and log), as the error to report (a VM
 /// that failed to come up because its file server did is virtiofsd's failure). It is given a

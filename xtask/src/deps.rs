@@ -8,16 +8,22 @@ use anyhow::{bail, Context, Result};
 
 /// Debian packages the build, the guest image and the harness need.
 pub const APT_PACKAGES: &[&str] = &[
-    "qemu-system-x86", // the harness's L1, and the boot benchmark's peer
-    "busybox-static",  // the harness's L1 initramfs
-    "cpio",            // checking initramfs archives in tests
-    "kmod",            // depmod: module dependency order
-    "xz-utils",        // the harness's L1 kernel payload is XZ: unpacked to a PVH vmlinux
-    "util-linux",      // setpriv, used by the guest tests
-    "libseccomp-dev",  // the agent's seccomp support (later issues)
-    "libcap-ng-dev",   // virtiofsd
-    "runc",            // the agent benchmark's peer (cargo xtask bench agent), and ctr's
-    "containerd",      // the shim's daemon (cargo xtask run, the shim tests, bench ctr)
+    "qemu-system-x86",  // the harness's L1, and the boot benchmark's peer
+    "busybox-static",   // the harness's L1 initramfs
+    "cpio",             // checking initramfs archives in tests
+    "kmod",             // depmod: module dependency order (the harness's L1 modules)
+    "linux-source-6.1", // Hull's guest kernel is built from Debian's kernel source ...
+    "build-essential",  // ... with gcc and make,
+    "flex",             // Kconfig's lexer,
+    "bison",            // and parser,
+    "bc",               // kernel build scripts,
+    "libelf-dev",       // objtool (the ORC unwinder)
+    "xz-utils",         // the harness's L1 kernel payload is XZ: unpacked to a PVH vmlinux
+    "util-linux",       // setpriv, used by the guest tests
+    "libseccomp-dev",   // the agent's seccomp support (later issues)
+    "libcap-ng-dev",    // virtiofsd
+    "runc",             // the agent benchmark's peer (cargo xtask bench agent), and ctr's
+    "containerd",       // the shim's daemon (cargo xtask run, the shim tests, bench ctr)
 ];
 
 fn installed(pkg: &str) -> bool {

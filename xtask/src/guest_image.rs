@@ -1,10 +1,12 @@
 //! `cargo xtask guest-image`: builds target/guest/ (vmlinuz, vmlinux, initramfs.cpio, kernel-release)
 //! with `hull_guest_image::build`, incrementally. Other commands call [`ensure`].
+//! `HULL_GUEST_KERNEL=hull` (every command) builds and uses Hull's own kernel instead, in
+//! target/guest-hull/.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use hull_guest_image::{BuildOptions, GuestImage};
+use hull_guest_image::{BuildOptions, GuestImage, GuestKernel};
 
 /// Arguments of `cargo xtask guest-image`.
 #[derive(clap::Args)]
@@ -57,9 +59,18 @@ fn build(force: bool) -> Result<GuestImage> {
             }
         })
         .unwrap_or_else(|| workspace_root.join("target"));
+    let (kernel, out_dir) = match std::env::var("HULL_GUEST_KERNEL").as_deref() {
+        Ok("hull") => (GuestKernel::Hull, target_dir.join("guest-hull")),
+        Ok("debian") | Ok("") | Err(_) => (GuestKernel::DebianCloud, target_dir.join("guest")),
+        Ok(other) => anyhow::bail!(
+            "HULL_GUEST_KERNEL={other}: want 'debian' (Debian's cloud kernel, the default) or 'hull' \
+             (Hull's own build, into target/guest-hull)"
+        ),
+    };
     let opts = BuildOptions {
         cargo: std::env::var_os("CARGO").map_or_else(|| PathBuf::from("cargo"), PathBuf::from),
-        out_dir: target_dir.join("guest"),
+        out_dir,
+        kernel,
         cache_dir: kernel_cache_dir(&target_dir),
         target_dir,
         workspace_root,
