@@ -52,12 +52,40 @@ fn ctr_run(id: &str, extra: &[&str], args: &[&str], input: Option<&[u8]>) -> Out
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn ctr");
+    // A guest that hangs must fail this test, not stall the whole harness run: ctr is killed
+    // after CTR_TIMEOUT (a normal run here takes seconds).
+    let pid = child.id() as i32;
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        let timed_out = matches!(
+            finished.recv_timeout(CTR_TIMEOUT),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        );
+        if timed_out {
+            // SAFETY: kill(2) on our child, which wait_with_output has not reaped: it is still
+            // running (had it ended, `done` would have been sent, bar a window of microseconds).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        timed_out
+    });
     if let Some(data) = input {
         let mut stdin = child.stdin.take().unwrap();
         stdin.write_all(data).unwrap();
     }
-    child.wait_with_output().unwrap()
+    let out = child.wait_with_output().unwrap();
+    let _ = done.send(());
+    let killed = watchdog.join().unwrap();
+    assert!(
+        !killed,
+        "ctr run {id} did not end within {CTR_TIMEOUT:?} and was killed\nstdout: {}\ncontainerd: {}",
+        text(&out.stdout),
+        tail(&ctd().log(), 60)
+    );
+    out
 }
+
+/// The longest one `ctr run` may take in this suite before it counts as hung.
+const CTR_TIMEOUT: Duration = Duration::from_secs(240);
 
 fn assert_ok(out: &Output, what: &str) {
     assert!(
