@@ -87,16 +87,12 @@ pub fn build(cache_dir: &Path, fragment: &Path) -> Result<BuiltKernel> {
             .all(|p| p.is_file());
     if !up_to_date {
         let _ = fs::remove_file(&built_stamp);
-        let hint = format!("the kernel build needs: apt-get install {BUILD_PACKAGES}");
-        cmd::run(
-            MAKE,
-            Command::new("make")
-                .arg("-C")
-                .arg(&tree)
-                .arg("-s")
-                .arg(format!("KCONFIG_ALLCONFIG={}", fragment.display()))
-                .arg("allnoconfig"),
-            &hint,
+        make(
+            &tree,
+            &[
+                format!("KCONFIG_ALLCONFIG={}", fragment.display()),
+                "allnoconfig".into(),
+            ],
         )?;
         let config_path = tree.join(".config");
         let config = fs::read_to_string(&config_path).map_err(Error::io("read", &config_path))?;
@@ -108,15 +104,9 @@ pub fn build(cache_dir: &Path, fragment: &Path) -> Result<BuiltKernel> {
             });
         }
         let jobs = std::thread::available_parallelism().map_or(1, usize::from);
-        cmd::run(
-            MAKE,
-            Command::new("make")
-                .arg("-C")
-                .arg(&tree)
-                .arg("-s")
-                .arg(format!("-j{jobs}"))
-                .args(["vmlinux", "bzImage"]),
-            &hint,
+        make(
+            &tree,
+            &[format!("-j{jobs}"), "vmlinux".into(), "bzImage".into()],
         )?;
         fs::write(&built_stamp, &fingerprint).map_err(Error::io("write", &built_stamp))?;
     }
@@ -130,6 +120,20 @@ pub fn build(cache_dir: &Path, fragment: &Path) -> Result<BuiltKernel> {
         release,
         rebuilt: !up_to_date,
     })
+}
+
+/// `make -C tree -s ARGS`, failing with what to install.
+fn make(tree: &Path, args: &[String]) -> Result<()> {
+    cmd::run(
+        MAKE,
+        Command::new("make")
+            .arg("-C")
+            .arg(tree)
+            .arg("-s")
+            .args(args),
+        &format!("the kernel build needs: apt-get install {BUILD_PACKAGES}"),
+    )
+    .map(drop)
 }
 
 /// The fragment's settings (`CONFIG_X=v` and `# CONFIG_X is not set`) that `config` does not hold.
