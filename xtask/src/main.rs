@@ -10,6 +10,7 @@ mod bench_vsock;
 mod cargo;
 mod deps;
 mod guest_image;
+mod guest_suites;
 mod harness;
 mod run;
 mod test;

@@ -5,15 +5,15 @@
 //! 3. every host test (`cargo test --workspace`: unit tests, CLI tests; no KVM needed);
 //! 4. the guest image and the guest suites (`hull-tests --features guest`), run in ONE boot of the
 //!    nested-KVM harness (or directly on a hardware-KVM host), their output kept under
-//!    `target/test-logs/`;
+//!    `target/test-logs/`; if L1 itself fails, another boot resumes where it stopped
+//!    ([`guest_suites`]);
 //! 5. a closing line `summary: N passed, M failed`.
 
-use std::fmt::Write as _;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Result};
 
-use crate::{cargo, deps, guest_image, harness};
+use crate::{cargo, deps, guest_image, guest_suites};
 
 /// Arguments of `cargo xtask test`.
 #[derive(clap::Args)]
@@ -63,6 +63,7 @@ pub fn run(args: Args) -> Result<()> {
         let suites: Vec<_> = cargo::test_executables(&["-p", "hull-tests", "--features", "guest"])?
             .into_iter()
             .filter(|(name, _)| name.starts_with("guest_"))
+            .map(|(name, exe)| guest_suites::Suite { name, exe })
             .collect();
         if suites.is_empty() {
             bail!("no guest suites found in hull-tests");
@@ -70,50 +71,29 @@ pub fn run(args: Args) -> Result<()> {
         let image = guest_image::ensure()?;
         let fixtures_initrd = guest_image::fixtures_initramfs(&image)?;
         let logs = root.join("target/test-logs");
-        std::fs::create_dir_all(&logs)?;
-        let mut script = String::from("st=0\n");
-        let vmm = root.join("target/debug/hull-vmm");
-        writeln!(script, "export HULL_VMM='{}'", vmm.display())?;
-        writeln!(
-            script,
-            "export HULL_FIXTURES_INITRD='{}'",
-            fixtures_initrd.display()
-        )?;
         let vm_logs = logs.join("vm");
         let _ = std::fs::remove_dir_all(&vm_logs);
         std::fs::create_dir_all(&vm_logs)?;
-        writeln!(script, "export HULL_TEST_LOG_DIR='{}'", vm_logs.display())?;
+        let env = vec![
+            (
+                "HULL_VMM".to_owned(),
+                root.join("target/debug/hull-vmm").display().to_string(),
+            ),
+            (
+                "HULL_FIXTURES_INITRD".to_owned(),
+                fixtures_initrd.display().to_string(),
+            ),
+            (
+                "HULL_TEST_LOG_DIR".to_owned(),
+                vm_logs.display().to_string(),
+            ),
+        ];
         // One test at a time: L1 has two vCPUs, and oversubscribing them with L2 vCPUs makes nested
         // SVM under TCG lock up L1's kernel (seen with QEMU as the inner VMM too). Each test boots
         // in ~2 s, so little is lost.
-        for (name, exe) in &suites {
-            let log = logs.join(format!("{name}.log"));
-            let _ = std::fs::remove_file(&log);
-            writeln!(
-                script,
-                "echo '== guest suite {name}'\nbash -o pipefail -c '\"$0\" --test-threads=1 2>&1 | tee \"$1\"' '{}' '{}' || st=1",
-                exe.display(),
-                log.display()
-            )?;
-        }
-        script.push_str("exit $st\n");
-        let status = harness::run_script(&script, &harness::options(Duration::from_secs(1800)))?;
-        let mut guest_out = String::new();
-        for (name, _) in &suites {
-            match std::fs::read_to_string(logs.join(format!("{name}.log"))) {
-                Ok(t) => guest_out.push_str(&t),
-                Err(_) => {
-                    println!("xtask: guest suite {name} left no log: counted as failed");
-                    failed += 1;
-                }
-            }
-        }
-        let (p, f, _) = cargo::count_results(&guest_out);
+        let (p, f, _) = guest_suites::run(&suites, &env, &logs)?;
         passed += p;
         failed += f;
-        if status != 0 && f == 0 {
-            failed += 1;
-        }
     }
     println!(
         "xtask test: finished in {:.0} s",

@@ -35,7 +35,7 @@ use crate::watchdog::{Expiry, Watchdog};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Default silence limit: L1 prints a heartbeat every 20 s while the command runs.
 pub const DEFAULT_SILENCE_TIMEOUT: Duration = Duration::from_secs(90);
-/// How many times a whole run is tried when L1 itself fails (goes silent, or its kernel reports a
+/// How many times a whole run is tried by default when L1 itself fails (goes silent, or its kernel reports a
 /// lockup or panic): nested SVM under TCG hangs L1 now and then, more often under heavy nested
 /// load, and that is not a test failure.
 pub const MAX_ATTEMPTS: u32 = 3;
@@ -61,6 +61,9 @@ pub struct RunOptions {
     pub verbose: bool,
     /// The host's kind; `None` detects it ([`host::detect`]).
     pub host: Option<HostKind>,
+    /// How many times the whole run is tried when L1 itself fails (at least 1). A caller that can
+    /// resume its own work (the test suite) sets 1 and retries what is left itself.
+    pub max_attempts: u32,
 }
 
 impl Default for RunOptions {
@@ -76,6 +79,7 @@ impl Default for RunOptions {
             verbose: std::env::var_os("HULL_HARNESS_VERBOSE")
                 .is_some_and(|v| !v.is_empty() && v != "0"),
             host: None,
+            max_attempts: MAX_ATTEMPTS,
         }
     }
 }
@@ -132,7 +136,7 @@ pub enum RunError {
         /// The console log.
         log: PathBuf,
     },
-    /// L1 went silent in both attempts.
+    /// L1 went silent in every attempt.
     #[error("L1 went silent (no console output for {} s, not even its heartbeat) in every attempt: L1 hangs, this is not a test failure; console log: {}", limit.as_secs(), log.display())]
     Silent {
         /// The silence limit.
@@ -140,7 +144,7 @@ pub enum RunError {
         /// The console log of the last attempt.
         log: PathBuf,
     },
-    /// L1's kernel failed (soft lockup, RCU stall, panic) in both attempts.
+    /// L1's kernel failed (soft lockup, RCU stall, panic) in every attempt.
     #[error("L1's kernel failed in every attempt ({line}): nested SVM under TCG is unstable, this is not a test failure; console log: {}", log.display())]
     L1Fault {
         /// The kernel line that showed it.
@@ -194,6 +198,17 @@ pub enum HarnessError {
     /// Running failed.
     #[error(transparent)]
     Run(#[from] RunError),
+}
+
+impl HarnessError {
+    /// Whether the run failed because L1 itself failed (went silent, or its kernel reported a lockup,
+    /// stall or panic) rather than because of the command: worth another attempt.
+    pub fn is_l1_failure(&self) -> bool {
+        matches!(
+            self,
+            HarnessError::Run(RunError::Silent { .. } | RunError::L1Fault { .. })
+        )
+    }
 }
 
 /// Runs `cmd` (program and arguments) and returns its exit status (128 + N when killed by signal N).
@@ -319,7 +334,7 @@ fn exit_code(status: ExitStatus) -> i32 {
         .unwrap_or(255)
 }
 
-/// Runs the command script in L1, retrying once if L1 goes silent.
+/// Runs the command script in L1, trying again (up to `opts.max_attempts` in all) if L1 itself fails.
 fn run_in_l1(
     image: &image::L1Image,
     script: &Path,
@@ -333,6 +348,7 @@ fn run_in_l1(
     }
     let logs = target_dir.join("harness/logs");
     fs::create_dir_all(&logs).map_err(RunError::io("create", &logs))?;
+    let max_attempts = opts.max_attempts.max(1);
     let mut attempt = 1;
     loop {
         let config = QemuConfig {
@@ -351,20 +367,20 @@ fn run_in_l1(
                 let _ = fs::remove_file(&log);
                 return Ok(code);
             }
-            Outcome::Silent if attempt < MAX_ATTEMPTS => {
+            Outcome::Silent if attempt < max_attempts => {
                 eprintln!(
                     "hull-harness: L1 WENT SILENT: no console output for {} s, not even its heartbeat (a known \
-                     L1 hang, harness-notes pitfall 6). QEMU killed; RETRYING THE WHOLE RUN (attempt {} of {MAX_ATTEMPTS}). Log: {}",
+                     L1 hang, harness-notes pitfall 6). QEMU killed; RETRYING THE WHOLE RUN (attempt {} of {max_attempts}). Log: {}",
                     opts.silence_timeout.as_secs(),
                     attempt + 1,
                     log.display()
                 );
                 attempt += 1;
             }
-            Outcome::L1Fault(line) if attempt < MAX_ATTEMPTS => {
+            Outcome::L1Fault(line) if attempt < max_attempts => {
                 eprintln!(
                     "hull-harness: L1'S KERNEL FAILED ({line}): nested SVM under TCG is unstable under load. \
-                     QEMU killed; RETRYING THE WHOLE RUN (attempt {} of {MAX_ATTEMPTS}). Log: {}",
+                     QEMU killed; RETRYING THE WHOLE RUN (attempt {} of {max_attempts}). Log: {}",
                     attempt + 1,
                     log.display()
                 );

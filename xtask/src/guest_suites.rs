@@ -1,0 +1,347 @@
+//! The guest suites of `cargo xtask test`: run in one L1 boot, and resumed, not restarted, when L1
+//! itself fails.
+//!
+//! L1 (nested SVM emulated by TCG) now and then goes silent or its kernel locks up, more often the
+//! longer it runs (harness-notes pitfall 6). Restarting the whole run loses everything done before the
+//! failure and gives the next L1 the same long run to fail in; a CI run failed that way with every test
+//! it reached passing. So each suite's output is appended to `target/test-logs/<suite>.log`, every
+//! test's last result is read back from those logs ([`SuiteLog`]), and the next L1 boot runs only what
+//! has no result yet: a suite that finished is left out, the others run with `--exact --skip <test>`
+//! for each test that has its result. The test that was running when L1 failed runs again.
+//!
+//! The harness is asked for one attempt per boot (`max_attempts = 1`); this module decides whether
+//! another boot is worth it ([`MAX_BOOTS`], [`RESUME_BUDGET`]).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use hull_harness::script::quote;
+
+use crate::harness;
+
+/// At most this many L1 boots for one test run.
+pub const MAX_BOOTS: u32 = 5;
+/// No new L1 boot is started once the guest suites have run this long: CI gives the whole run 90 min.
+pub const RESUME_BUDGET: Duration = Duration::from_secs(45 * 60);
+/// Wall-clock limit of one L1 boot.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// A guest test binary.
+#[derive(Debug, Clone)]
+pub struct Suite {
+    /// Its name (`guest_boot`, …).
+    pub name: String,
+    /// The test executable.
+    pub exe: PathBuf,
+}
+
+/// The environment every suite gets inside L1 (`export NAME=VALUE`).
+pub type SuiteEnv = Vec<(String, String)>;
+
+/// A test's result as libtest printed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestResult {
+    /// `ok`
+    Passed,
+    /// `FAILED`
+    Failed,
+    /// `ignored`
+    Ignored,
+}
+
+/// What a suite's log shows: each test's last result, and whether the binary ever printed its summary.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SuiteLog {
+    /// The last result of each test that has one.
+    pub results: BTreeMap<String, TestResult>,
+    /// A `test result:` summary line was printed: the binary got to its end.
+    pub finished: bool,
+    /// The last test that was started (`test NAME ... ` with no result yet, as when L1 died under it).
+    pub unfinished: Option<String>,
+}
+
+impl SuiteLog {
+    /// Reads libtest's (`--test-threads=1`) output, possibly several runs appended.
+    pub fn parse(text: &str) -> Self {
+        let mut log = SuiteLog::default();
+        for line in text.lines() {
+            if line.starts_with("test result: ") {
+                log.finished = true;
+                log.unfinished = None;
+                continue;
+            }
+            if line.starts_with("running ") {
+                log.finished = false;
+                continue;
+            }
+            let Some(rest) = line.strip_prefix("test ") else {
+                continue;
+            };
+            let Some((name, result)) = rest.split_once(" ... ") else {
+                continue;
+            };
+            let result = match result.trim() {
+                "ok" => Some(TestResult::Passed),
+                "FAILED" => Some(TestResult::Failed),
+                r if r.starts_with("ignored") => Some(TestResult::Ignored),
+                _ => None,
+            };
+            match result {
+                Some(r) => {
+                    log.results.insert(name.to_owned(), r);
+                    log.unfinished = None;
+                }
+                None => log.unfinished = Some(name.to_owned()),
+            }
+        }
+        log
+    }
+
+    /// How many tests have each result: (passed, failed, ignored).
+    pub fn tally(&self) -> (u64, u64, u64) {
+        let count = |want| self.results.values().filter(|r| **r == want).count() as u64;
+        (
+            count(TestResult::Passed),
+            count(TestResult::Failed),
+            count(TestResult::Ignored),
+        )
+    }
+}
+
+/// The shell script of one L1 boot: every suite not yet finished, each skipping the tests that
+/// already have a result, output appended to its log. Exits 1 if any suite failed.
+pub fn script(
+    suites: &[Suite],
+    logs: &BTreeMap<String, SuiteLog>,
+    env: &SuiteEnv,
+    dir: &Path,
+    boot: u32,
+) -> String {
+    let mut s = String::from("st=0\n");
+    for (name, value) in env {
+        let _ = writeln!(s, "export {name}={}", quote(value));
+    }
+    for suite in suites {
+        let log = logs.get(&suite.name);
+        if log.is_some_and(|l| l.finished) {
+            continue;
+        }
+        let path = dir.join(format!("{}.log", suite.name));
+        let mut words = vec![
+            suite.exe.to_string_lossy().into_owned(),
+            path.to_string_lossy().into_owned(),
+            "--test-threads=1".to_owned(),
+        ];
+        if let Some(done) = log.filter(|l| !l.results.is_empty()) {
+            words.push("--exact".to_owned());
+            for test in done.results.keys() {
+                words.push("--skip".to_owned());
+                words.push(test.clone());
+            }
+        }
+        let words: Vec<String> = words.iter().map(|w| quote(w)).collect();
+        let _ = writeln!(
+            s,
+            "echo '== guest suite {name} (L1 boot {boot})'\n\
+             echo '== L1 boot {boot}' >> {log}\n\
+             bash -o pipefail -c 'log=$1; shift; \"$0\" \"$@\" 2>&1 | tee -a \"$log\"' {words} || st=1",
+            name = suite.name,
+            log = quote(&path.to_string_lossy()),
+            words = words.join(" "),
+        );
+    }
+    s.push_str("exit $st\n");
+    s
+}
+
+/// Reads every suite's log in `dir` (a missing log is an empty one).
+fn read_logs(suites: &[Suite], dir: &Path) -> BTreeMap<String, SuiteLog> {
+    suites
+        .iter()
+        .map(|s| {
+            let text =
+                std::fs::read_to_string(dir.join(format!("{}.log", s.name))).unwrap_or_default();
+            (s.name.clone(), SuiteLog::parse(&text))
+        })
+        .collect()
+}
+
+/// Runs the suites in as few L1 boots as L1 allows; returns (passed, failed, ignored). A suite that
+/// never finished counts one failure (the test it was in, named).
+pub fn run(suites: &[Suite], env: &SuiteEnv, dir: &Path) -> Result<(u64, u64, u64)> {
+    std::fs::create_dir_all(dir)?;
+    for suite in suites {
+        let _ = std::fs::remove_file(dir.join(format!("{}.log", suite.name)));
+    }
+    let t0 = Instant::now();
+    let mut any_failed = false;
+    for boot in 1..=MAX_BOOTS {
+        let logs = read_logs(suites, dir);
+        if logs.values().all(|l| l.finished) {
+            break;
+        }
+        let mut opts = harness::options(BOOT_TIMEOUT);
+        opts.max_attempts = 1;
+        let text = script(suites, &logs, env, dir, boot);
+        match hull_harness::run_script(&text, &opts) {
+            Ok(status) => {
+                any_failed = status != 0;
+                break;
+            }
+            Err(e) if e.is_l1_failure() && boot < MAX_BOOTS && t0.elapsed() < RESUME_BUDGET => {
+                let logs = read_logs(suites, dir);
+                let done: usize = logs.values().map(|l| l.results.len()).sum();
+                println!(
+                    "xtask: L1 FAILED under the guest suites ({e}). {done} guest tests have their \
+                     result; booting L1 again for the rest (boot {} of at most {MAX_BOOTS})",
+                    boot + 1
+                );
+            }
+            Err(e) => {
+                println!("xtask: the guest suites could not finish: {e:#}");
+                any_failed = true;
+                break;
+            }
+        }
+    }
+    let logs = read_logs(suites, dir);
+    let mut total = (0, 0, 0);
+    for (name, log) in &logs {
+        let (p, f, i) = log.tally();
+        total.0 += p;
+        total.1 += f;
+        total.2 += i;
+        if !log.finished {
+            total.1 += 1;
+            match &log.unfinished {
+                Some(test) => println!("xtask: guest suite {name} never finished: {test} has no result (counted as failed)"),
+                None => println!("xtask: guest suite {name} never finished (counted as failed)"),
+            }
+        }
+    }
+    if any_failed && total.1 == 0 {
+        total.1 += 1; // a suite binary that exited non-zero without a failed test
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_of_appended_runs_the_last_wins() {
+        let text = "\nrunning 3 tests\n\
+            test a ... ok\n\
+            test b ... FAILED\n\
+            test c ... \n\
+            == L1 boot 2\n\
+            \nrunning 2 tests\n\
+            test b ... ok\n\
+            test c ... ignored, slow\n\
+            \ntest result: ok. 1 passed; 0 failed; 1 ignored; 0 measured; 2 filtered out\n";
+        let log = SuiteLog::parse(text);
+        assert!(log.finished);
+        assert_eq!(log.unfinished, None);
+        assert_eq!(log.results["a"], TestResult::Passed);
+        assert_eq!(log.results["b"], TestResult::Passed);
+        assert_eq!(log.results["c"], TestResult::Ignored);
+        assert_eq!(log.tally(), (2, 0, 1));
+    }
+
+    #[test]
+    fn a_run_cut_short_names_the_test_it_was_in() {
+        let log = SuiteLog::parse("running 3 tests\ntest a ... ok\ntest b ... ");
+        assert!(!log.finished);
+        assert_eq!(log.unfinished.as_deref(), Some("b"));
+        assert_eq!(log.tally(), (1, 0, 0));
+        assert_eq!(SuiteLog::parse(""), SuiteLog::default());
+    }
+
+    fn suites() -> Vec<Suite> {
+        ["guest_a", "guest_b", "guest_c"]
+            .into_iter()
+            .map(|n| Suite {
+                name: n.to_owned(),
+                exe: PathBuf::from(format!("/bin/{n}")),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_script_runs_only_what_has_no_result() {
+        let mut logs = BTreeMap::new();
+        logs.insert(
+            "guest_a".to_owned(),
+            SuiteLog::parse("running 1 test\ntest x ... ok\ntest result: ok. 1 passed;\n"),
+        );
+        logs.insert(
+            "guest_b".to_owned(),
+            SuiteLog::parse("running 3 tests\ntest y ... ok\ntest it's ... FAILED\ntest w ... "),
+        );
+        let env = vec![("HULL_X".to_owned(), "a b".to_owned())];
+        let s = script(&suites(), &logs, &env, Path::new("/logs"), 2);
+        assert!(s.starts_with("st=0\nexport HULL_X='a b'\n"), "{s}");
+        assert!(!s.contains("guest_a"), "{s}");
+        assert!(s.contains("/bin/guest_b /logs/guest_b.log --test-threads=1 --exact --skip 'it'\\''s' --skip y || st=1"), "{s}");
+        assert!(
+            s.contains("/bin/guest_c /logs/guest_c.log --test-threads=1 || st=1"),
+            "{s}"
+        );
+        assert!(s.ends_with("exit $st\n"));
+    }
+
+    /// The script really appends, really skips, and reports a failing suite: run with `sh` against
+    /// stand-in test binaries.
+    #[test]
+    fn the_script_appends_skips_and_fails_like_the_suites() {
+        let dir = std::env::temp_dir().join(format!("xtask-guest-suites-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // A stand-in libtest: prints its arguments as if each were a test; fails when asked to.
+        let fake = dir.join("fake");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\necho \"running $#\"\nfor a in \"$@\"; do echo \"test $a ... ok\"; done\n\
+             echo 'test result: ok.'\n[ -z \"$FAIL\" ]\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        std::fs::write(dir.join("guest_a.log"), "earlier line\n").unwrap();
+        let suites = vec![Suite {
+            name: "guest_a".to_owned(),
+            exe: fake.clone(),
+        }];
+        let mut logs = BTreeMap::new();
+        logs.insert("guest_a".to_owned(), SuiteLog::parse("test done ... ok\n"));
+        let text = script(&suites, &logs, &vec![], &dir, 2);
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&text)
+            .env("FAIL", "1")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let log = std::fs::read_to_string(dir.join("guest_a.log")).unwrap();
+        assert!(
+            log.starts_with("earlier line\n== L1 boot 2\nrunning 4\n"),
+            "{log}"
+        );
+        assert!(
+            log.contains("test --skip ... ok\ntest done ... ok\n"),
+            "{log}"
+        );
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&text)
+            .env_remove("FAIL")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
