@@ -28,6 +28,9 @@
 //! [runtime]
 //! state_dir = "/run/hull"                # per-sandbox sockets, shared directories, pid files
 //! agent_timeout = 60                     # seconds to wait for the guest agent at boot
+//! agent_check_interval = 5               # seconds between liveness checks of a running guest (0: none)
+//! agent_check_timeout = 30               # a check unanswered this long: the guest is hung, its VM
+//!                                        # is killed and its tasks end with 255
 //! ```
 
 use std::collections::BTreeMap;
@@ -173,6 +176,11 @@ pub struct Runtime {
     pub state_dir: PathBuf,
     /// Seconds to wait for the agent at boot.
     pub agent_timeout: u64,
+    /// Seconds between two liveness checks (`Check`) of a running guest's agent; 0: no checks.
+    pub agent_check_interval: u64,
+    /// Seconds a liveness check may go unanswered before the guest counts as hung: its VM is then
+    /// killed and every task in it ends with 255 (as when the VM dies).
+    pub agent_check_timeout: u64,
 }
 
 impl Default for Runtime {
@@ -180,6 +188,9 @@ impl Default for Runtime {
         Self {
             state_dir: "/run/hull".into(),
             agent_timeout: 60,
+            // Kata's sandbox monitor checks its agent every 5 s too.
+            agent_check_interval: 5,
+            agent_check_timeout: 30,
         }
     }
 }
@@ -301,6 +312,13 @@ impl Config {
                 "runtime.agent_timeout",
                 "0".into(),
                 "must be at least 1 (seconds)".into(),
+            ));
+        }
+        if self.runtime.agent_check_interval > 0 && self.runtime.agent_check_timeout == 0 {
+            return Err(bad(
+                "runtime.agent_check_timeout",
+                "0".into(),
+                "must be at least 1 (seconds) while agent_check_interval is not 0".into(),
             ));
         }
         Ok(())
@@ -478,6 +496,10 @@ mod tests {
             ),
             ("[shared_fs]\ncache = \"sometimes\"", "shared_fs.cache"),
             ("[runtime]\nagent_timeout = 0", "runtime.agent_timeout"),
+            (
+                "[runtime]\nagent_check_timeout = 0",
+                "runtime.agent_check_timeout",
+            ),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(

@@ -9,6 +9,9 @@
 //! - `vsock.sock`: hull-vmm's hybrid-vsock socket (the agent is at port 1024 behind it);
 //! - `virtiofsd.sock`, `vmm.pid`, `virtiofsd.pid`: for `delete` after the shim died.
 //!
+//! While the sandbox runs, its agent is checked for liveness ([`Sandbox::spawn_liveness_watch`]):
+//! a guest that stops answering is killed like one that died, so no task waits on it forever.
+//!
 //! hull-vmm runs as a child process, not in the shim's address space: a VMM crash (or a
 //! `kill -9` of it) is then something the shim sees and reports as the tasks' exit, the VMM can be
 //! confined on its own, and its vCPU threads never share the shim's runtime.
@@ -16,6 +19,8 @@
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hull_agent_api::client::{connect_watching, process_alive, AgentClient, Target};
@@ -103,6 +108,8 @@ pub struct Sandbox {
     pub agent: AgentClient,
     /// The sandbox's host cgroup (shim, hull-vmm, virtiofsd).
     cgroup: std::sync::Mutex<Option<HostCgroup>>,
+    /// Set when [`Sandbox::stop`] begins: the guest going quiet is then expected.
+    stopping: AtomicBool,
 }
 
 /// The guest's kernel command line for a sandbox.
@@ -286,12 +293,14 @@ impl Sandbox {
             virtiofsd: std::sync::Mutex::new(fsd_slot.take()),
             agent,
             cgroup: std::sync::Mutex::new(None),
+            stopping: AtomicBool::new(false),
         })
     }
 
     /// Powers the guest off (the agent syncs and unmounts), waits for hull-vmm (killing it if
     /// it does not end within `grace`), stops virtiofsd, and removes the sandbox directory.
     pub async fn stop(&self, grace: Duration) {
+        self.stopping.store(true, Ordering::SeqCst);
         if self.vmm_exit.borrow().is_none() {
             let _ = tokio::time::timeout(grace, self.agent.destroy_sandbox()).await;
             let mut exit = self.vmm_exit.clone();
@@ -324,6 +333,42 @@ impl Sandbox {
     /// Whether hull-vmm is still running.
     pub fn vmm_alive(&self) -> bool {
         self.vmm_exit.borrow().is_none()
+    }
+
+    /// Watches a running guest: every `interval` its agent must answer `Check` within `limit`.
+    /// One that does not is hung (a wedged guest kernel or agent, a stopped VMM): hull-vmm is
+    /// killed, and the VM's end is then reported as for a VM that died (every task ends with 255),
+    /// instead of containerd waiting forever on a guest that will never answer. Kata's sandbox
+    /// monitor does the same. Ends with the VM, or when the sandbox is being stopped.
+    pub fn spawn_liveness_watch(self: &Arc<Self>, interval: Duration, limit: Duration) {
+        let me = Arc::downgrade(self);
+        let mut vmm_exit = self.vmm_exit.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = vmm_exit.wait_for(Option::is_some) => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                let Some(sb) = me.upgrade() else { return };
+                let agent = sb.agent.clone().with_timeout(limit);
+                let answer = tokio::time::timeout(limit, agent.check()).await;
+                if sb.stopping.load(Ordering::SeqCst) || !sb.vmm_alive() {
+                    return;
+                }
+                let why = match answer {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no answer in {} s", limit.as_secs()),
+                };
+                tracing::error!(
+                    sandbox = %sb.id,
+                    vmm_pid = sb.vmm_pid,
+                    "the guest agent failed its liveness check ({why}): the guest is hung; killing hull-vmm, every task in it ends with 255"
+                );
+                sb.kill_vmm();
+                return;
+            }
+        });
     }
 
     /// SIGKILLs hull-vmm (while it has not been reaped, its pid is still ours).

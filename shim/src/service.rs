@@ -263,6 +263,12 @@ impl Service {
         self.state().sandbox = Some(sb.clone());
         self.spawn_vm_watch(sb.clone());
         self.spawn_oom_watch(sb.clone());
+        if cfg.runtime.agent_check_interval > 0 {
+            sb.spawn_liveness_watch(
+                Duration::from_secs(cfg.runtime.agent_check_interval),
+                Duration::from_secs(cfg.runtime.agent_check_timeout),
+            );
+        }
         Ok(sb)
     }
 

@@ -555,6 +555,54 @@ fn a_killed_vmm_ends_the_task_with_255() {
     wait_clean();
 }
 
+#[test]
+fn a_hung_guest_is_caught_and_ends_the_task_with_255() {
+    let _m = machine();
+    let c = ctd();
+    // Liveness checks every second, 10 s to answer (the defaults are 5 s and 30 s).
+    let good = std::fs::read_to_string(&c.hull_config).unwrap();
+    let toml = good.replace(
+        "agent_timeout = 300\n",
+        "agent_timeout = 300\nagent_check_interval = 1\nagent_check_timeout = 10\n",
+    );
+    assert_ne!(toml, good, "the test configuration changed: {good}");
+    let path = c.dir.join("liveness.toml");
+    std::fs::write(&path, toml).unwrap();
+    let p = path.display().to_string();
+    let r = Running::start("hung", &["--runtime-config-path", &p], SERVICE);
+    let vmm = pid_in(&c.hull_state.join("hung/vmm.pid"));
+    // SIGSTOP: the VM is still there, but nothing in it runs any more, as with a wedged guest.
+    // SAFETY: kill(2) with a pid read from the sandbox's pid file.
+    unsafe { libc::kill(vmm, libc::SIGSTOP) };
+    // Should the shim never notice, the VMM is killed after CTR_TIMEOUT so that the suite goes on.
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        let timed_out = matches!(
+            finished.recv_timeout(CTR_TIMEOUT),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        );
+        if timed_out {
+            // SAFETY: kill(2) on the stopped VMM, which the shim has not reaped (ctr still waits).
+            unsafe { libc::kill(vmm, libc::SIGKILL) };
+        }
+        timed_out
+    });
+    let code = r.finish().0;
+    let _ = done.send(());
+    assert!(
+        !watchdog.join().unwrap(),
+        "the shim did not notice a stopped VMM within {CTR_TIMEOUT:?}"
+    );
+    assert_eq!(code, Some(255));
+    let log = c.log();
+    assert!(
+        log.contains("failed its liveness check"),
+        "the shim log does not say why the task ended: {}",
+        tail(&log, 40)
+    );
+    wait_clean();
+}
+
 /// hull-vmm's resident memory, KiB (guest RAM it holds included).
 fn rss_kib(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
