@@ -12,7 +12,7 @@
 //! The harness is asked for one attempt per boot (`max_attempts = 1`); this module decides whether
 //! another boot is worth it ([`MAX_BOOTS`], [`RESUME_BUDGET`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -112,10 +112,12 @@ impl SuiteLog {
 }
 
 /// The shell script of one L1 boot: every suite not yet finished, each skipping the tests that
-/// already have a result, output appended to its log. Exits 1 if any suite failed.
+/// already have a result but those in `rerun` (`suite/test`), output appended to its log. Exits 1
+/// if any suite failed.
 pub fn script(
     suites: &[Suite],
     logs: &BTreeMap<String, SuiteLog>,
+    rerun: &BTreeSet<String>,
     env: &SuiteEnv,
     dir: &Path,
     boot: u32,
@@ -135,9 +137,17 @@ pub fn script(
             path.to_string_lossy().into_owned(),
             "--test-threads=1".to_owned(),
         ];
-        if let Some(done) = log.filter(|l| !l.results.is_empty()) {
+        let done: Vec<&String> = log
+            .map(|l| {
+                l.results
+                    .keys()
+                    .filter(|t| !rerun.contains(&format!("{}/{t}", suite.name)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !done.is_empty() {
             words.push("--exact".to_owned());
-            for test in done.results.keys() {
+            for test in done {
                 words.push("--skip".to_owned());
                 words.push(test.clone());
             }
@@ -178,6 +188,7 @@ pub fn run(suites: &[Suite], env: &SuiteEnv, dir: &Path) -> Result<(u64, u64, u6
     }
     let t0 = Instant::now();
     let mut any_failed = false;
+    let mut rerun = BTreeSet::new();
     for boot in 1..=MAX_BOOTS {
         let logs = read_logs(suites, dir);
         if logs.values().all(|l| l.finished) {
@@ -185,7 +196,7 @@ pub fn run(suites: &[Suite], env: &SuiteEnv, dir: &Path) -> Result<(u64, u64, u6
         }
         let mut opts = harness::options(BOOT_TIMEOUT);
         opts.max_attempts = 1;
-        let text = script(suites, &logs, env, dir, boot);
+        let text = script(suites, &logs, &rerun, env, dir, boot);
         match hull_harness::run_script(&text, &opts) {
             Ok(status) => {
                 any_failed = status != 0;
@@ -194,6 +205,23 @@ pub fn run(suites: &[Suite], env: &SuiteEnv, dir: &Path) -> Result<(u64, u64, u6
             Err(e) if e.is_l1_failure() && boot < MAX_BOOTS && t0.elapsed() < RESUME_BUDGET => {
                 let logs = read_logs(suites, dir);
                 let done: usize = logs.values().map(|l| l.results.len()).sum();
+                // libtest prints why a test failed only when the whole binary ends: in a suite that
+                // L1 cut short, a failure's message is lost, and L1 may have been failing under it.
+                // Such a test runs again.
+                rerun.clear();
+                for (name, log) in logs.iter().filter(|(_, l)| !l.finished) {
+                    for (test, _) in log
+                        .results
+                        .iter()
+                        .filter(|(_, r)| **r == TestResult::Failed)
+                    {
+                        println!(
+                            "xtask: {name} {test} FAILED in the L1 boot that was cut short, its message \
+                             lost: it runs again"
+                        );
+                        rerun.insert(format!("{name}/{test}"));
+                    }
+                }
                 println!(
                     "xtask: L1 FAILED under the guest suites ({e}). {done} guest tests have their \
                      result; booting L1 again for the rest (boot {} of at most {MAX_BOOTS})",
@@ -283,15 +311,32 @@ mod tests {
             SuiteLog::parse("running 3 tests\ntest y ... ok\ntest it's ... FAILED\ntest w ... "),
         );
         let env = vec![("HULL_X".to_owned(), "a b".to_owned())];
-        let s = script(&suites(), &logs, &env, Path::new("/logs"), 2);
+        let rerun = BTreeSet::from(["guest_b/it's".to_owned()]);
+        let s = script(&suites(), &logs, &rerun, &env, Path::new("/logs"), 2);
         assert!(s.starts_with("st=0\nexport HULL_X='a b'\n"), "{s}");
         assert!(!s.contains("guest_a"), "{s}");
-        assert!(s.contains("/bin/guest_b /logs/guest_b.log --test-threads=1 --exact --skip 'it'\\''s' --skip y || st=1"), "{s}");
+        assert!(
+            s.contains("/bin/guest_b /logs/guest_b.log --test-threads=1 --exact --skip y || st=1"),
+            "{s}"
+        );
         assert!(
             s.contains("/bin/guest_c /logs/guest_c.log --test-threads=1 || st=1"),
             "{s}"
         );
         assert!(s.ends_with("exit $st\n"));
+        // Without the rerun, the failed test is skipped like the passed one (quoted for sh).
+        let s = script(
+            &suites(),
+            &logs,
+            &BTreeSet::new(),
+            &env,
+            Path::new("/logs"),
+            2,
+        );
+        assert!(
+            s.contains("--test-threads=1 --exact --skip 'it'\\''s' --skip y || st=1"),
+            "{s}"
+        );
     }
 
     /// The script really appends, really skips, and reports a failing suite: run with `sh` against
@@ -318,7 +363,7 @@ mod tests {
         }];
         let mut logs = BTreeMap::new();
         logs.insert("guest_a".to_owned(), SuiteLog::parse("test done ... ok\n"));
-        let text = script(&suites, &logs, &vec![], &dir, 2);
+        let text = script(&suites, &logs, &BTreeSet::new(), &vec![], &dir, 2);
         let out = std::process::Command::new("sh")
             .arg("-c")
             .arg(&text)

@@ -74,7 +74,7 @@ pub fn run(args: Args) -> Result<()> {
         let vm_logs = logs.join("vm");
         let _ = std::fs::remove_dir_all(&vm_logs);
         std::fs::create_dir_all(&vm_logs)?;
-        let env = vec![
+        let mut env = vec![
             (
                 "HULL_VMM".to_owned(),
                 root.join("target/debug/hull-vmm").display().to_string(),
@@ -88,6 +88,10 @@ pub fn run(args: Args) -> Result<()> {
                 vm_logs.display().to_string(),
             ),
         ];
+        // The suites boot the kernel this run built (HULL_GUEST_KERNEL picks which).
+        if let Some(dir) = image.initramfs.parent() {
+            env.push(("HULL_GUEST_DIR".to_owned(), dir.display().to_string()));
+        }
         // One test at a time: L1 has two vCPUs, and oversubscribing them with L2 vCPUs makes nested
         // SVM under TCG lock up L1's kernel (seen with QEMU as the inner VMM too). Each test boots
         // in ~2 s, so little is lost.
