@@ -1,4 +1,5 @@
-//! Building the guest's `/init`: `hull-agent`, release, statically linked with glibc
+//! Building the guest's `/init`: `hull-agent`, built for size (the workspace's `guest-agent` profile:
+//! release, `opt-level = "s"`, fat LTO, one codegen unit; 6.6 MiB instead of 8.4), statically linked with glibc
 //! (`-C target-feature=+crt-static`, explicit `--target` so the flags never touch host builds and the
 //! artifacts live in their own `target/x86_64-unknown-linux-gnu/` subdir). Cargo's own incremental
 //! build makes a second run a no-op.
@@ -14,6 +15,8 @@ use crate::error::{Error, Result};
 
 /// The target triple the agent is built for.
 pub const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
+/// The Cargo profile it is built with (in the workspace's Cargo.toml).
+pub const AGENT_PROFILE: &str = "guest-agent";
 /// The Rust flags that make it static.
 pub const AGENT_RUSTFLAGS: &str = "-C target-feature=+crt-static";
 
@@ -30,12 +33,12 @@ pub(crate) struct Agent {
     pub rebuilt: bool,
 }
 
-/// `cargo build --release -p hull-agent --target x86_64-unknown-linux-gnu`, static; checks the result
+/// `cargo build --profile guest-agent -p hull-agent --target x86_64-unknown-linux-gnu`, static; checks the result
 /// has no `PT_INTERP`.
 pub(crate) fn build(cargo: &Path, workspace: &Path, target_dir: &Path) -> Result<Agent> {
     let path = target_dir
         .join(AGENT_TARGET)
-        .join("release")
+        .join(AGENT_PROFILE)
         .join("hull-agent");
     let before = stamp(&path);
     let mut command = Command::new(cargo);
@@ -43,7 +46,8 @@ pub(crate) fn build(cargo: &Path, workspace: &Path, target_dir: &Path) -> Result
         .args([
             "build",
             "--quiet",
-            "--release",
+            "--profile",
+            AGENT_PROFILE,
             "-p",
             "hull-agent",
             "--target",

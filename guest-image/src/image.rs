@@ -42,7 +42,7 @@ const LAYOUT_VERSION: u32 = 4;
 pub struct BuildOptions {
     /// The workspace root (where `cargo build -p hull-agent` runs).
     pub workspace_root: PathBuf,
-    /// Cargo's target dir (the agent lands in `<it>/x86_64-unknown-linux-gnu/release/`).
+    /// Cargo's target dir (the agent lands in `<it>/x86_64-unknown-linux-gnu/guest-agent/`).
     pub target_dir: PathBuf,
     /// The cargo binary (`$CARGO` under `cargo run`).
     pub cargo: PathBuf,
@@ -61,11 +61,12 @@ pub struct BuildOptions {
 /// Which kernel the guest image boots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GuestKernel {
-    /// Debian's cloud kernel package, its drivers loaded as modules by the agent (the default).
-    #[default]
+    /// Debian's cloud kernel package, its drivers loaded as modules by the agent
+    /// (`HULL_GUEST_KERNEL=debian`).
     DebianCloud,
     /// Hull's own build of Debian's kernel source (see [`crate::kbuild`]): everything built in, no
-    /// modules. Opt-in (`HULL_GUEST_KERNEL=hull`): see the note atop `guest-image/kernel/hull.config`.
+    /// modules; half the guest boot and half the guest memory of Debian's cloud kernel (the default).
+    #[default]
     Hull,
 }
 
@@ -172,7 +173,7 @@ pub fn build(opts: &BuildOptions) -> Result<GuestImage> {
     if opts.progress {
         // cargo is quiet: say what may take a while.
         print!(
-            "guest-image: [2/4] agent (cargo build --release --target {}, static): ",
+            "guest-image: [2/4] agent (cargo build --profile guest-agent --target {}, static): ",
             agent::AGENT_TARGET
         );
         let _ = std::io::stdout().flush();

@@ -198,19 +198,25 @@ pub fn inner(a: &InnerArgs) -> Result<()> {
         mi("PageTables:"),
         mi("AnonPages:")
     );
-    let rollup =
-        std::fs::read_to_string(format!("/proc/{}/smaps_rollup", vmm[0])).unwrap_or_default();
-    let rk =
-        |k: &str| field_kib(&rollup, k).map_or("?".into(), |v| format!("{:.1}", v as f64 / 1024.0));
-    println!(
-        "vmm_smaps_mib rss={} pss={} pss_anon={} pss_file={} pss_shmem={} shmem_pmd_mapped={}",
-        rk("Rss:"),
-        rk("Pss:"),
-        rk("Pss_Anon:"),
-        rk("Pss_File:"),
-        rk("Pss_Shmem:"),
-        rk("ShmemPmdMapped:")
-    );
+    // Every process of the sandbox, by kind of memory.
+    for (name, pids) in [("shim", &shim), ("vmm", &vmm), ("virtiofsd", &fsd)] {
+        for pid in pids.iter() {
+            let rollup =
+                std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+            let rk = |k: &str| {
+                field_kib(&rollup, k).map_or("?".into(), |v| format!("{:.1}", v as f64 / 1024.0))
+            };
+            println!(
+                "smaps_mib {name} pid={pid} rss={} pss={} pss_anon={} pss_file={} pss_shmem={} shmem_pmd_mapped={}",
+                rk("Rss:"),
+                rk("Pss:"),
+                rk("Pss_Anon:"),
+                rk("Pss_File:"),
+                rk("Pss_Shmem:"),
+                rk("ShmemPmdMapped:")
+            );
+        }
+    }
     let _ = ctd.ctr(&["task", "kill", "-s", "SIGKILL", "idle"]).output();
     let _ = ctd.ctr(&["task", "delete", "idle"]).output();
     let _ = ctd.ctr(&["container", "delete", "idle"]).output();

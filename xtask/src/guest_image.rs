@@ -1,7 +1,7 @@
 //! `cargo xtask guest-image`: builds target/guest/ (vmlinuz, vmlinux, initramfs.cpio, kernel-release)
 //! with `hull_guest_image::build`, incrementally. Other commands call [`ensure`].
-//! `HULL_GUEST_KERNEL=hull` (every command) builds and uses Hull's own kernel instead, in
-//! target/guest-hull/.
+//! The kernel is Hull's own build (guest-image/kernel/hull.config); `HULL_GUEST_KERNEL=debian`
+//! (every command) builds and uses Debian's cloud kernel package instead, in target/guest-debian/.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -60,11 +60,11 @@ fn build(force: bool) -> Result<GuestImage> {
         })
         .unwrap_or_else(|| workspace_root.join("target"));
     let (kernel, out_dir) = match std::env::var("HULL_GUEST_KERNEL").as_deref() {
-        Ok("hull") => (GuestKernel::Hull, target_dir.join("guest-hull")),
-        Ok("debian") | Ok("") | Err(_) => (GuestKernel::DebianCloud, target_dir.join("guest")),
+        Ok("hull") | Ok("") | Err(_) => (GuestKernel::Hull, target_dir.join("guest")),
+        Ok("debian") => (GuestKernel::DebianCloud, target_dir.join("guest-debian")),
         Ok(other) => anyhow::bail!(
-            "HULL_GUEST_KERNEL={other}: want 'debian' (Debian's cloud kernel, the default) or 'hull' \
-             (Hull's own build, into target/guest-hull)"
+            "HULL_GUEST_KERNEL={other}: want 'hull' (Hull's own kernel, the default) or 'debian' \
+             (Debian's cloud kernel package, into target/guest-debian)"
         ),
     };
     let opts = BuildOptions {
