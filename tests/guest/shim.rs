@@ -54,27 +54,14 @@ fn ctr_run(id: &str, extra: &[&str], args: &[&str], input: Option<&[u8]>) -> Out
     let mut child = cmd.spawn().expect("spawn ctr");
     // A guest that hangs must fail this test, not stall the whole harness run: ctr is killed
     // after CTR_TIMEOUT (a normal run here takes seconds).
-    let pid = child.id() as i32;
-    let (done, finished) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        let timed_out = matches!(
-            finished.recv_timeout(CTR_TIMEOUT),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-        );
-        if timed_out {
-            // SAFETY: kill(2) on our child, which wait_with_output has not reaped: it is still
-            // running (had it ended, `done` would have been sent, bar a window of microseconds).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        timed_out
-    });
+    // The pid stays ours until wait_with_output reaps it, after which the deadline is disarmed.
+    let deadline = KillAfter::arm(child.id() as i32, CTR_TIMEOUT);
     if let Some(data) = input {
         let mut stdin = child.stdin.take().unwrap();
         stdin.write_all(data).unwrap();
     }
     let out = child.wait_with_output().unwrap();
-    let _ = done.send(());
-    let killed = watchdog.join().unwrap();
+    let killed = deadline.disarm();
     assert!(
         !killed,
         "ctr run {id} did not end within {CTR_TIMEOUT:?} and was killed\nstdout: {}\ncontainerd: {}",
@@ -86,6 +73,38 @@ fn ctr_run(id: &str, extra: &[&str], args: &[&str], input: Option<&[u8]>) -> Out
 
 /// The longest one `ctr run` may take in this suite before it counts as hung.
 const CTR_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// A deadline for a process that may hang: unless disarmed first, it SIGKILLs `pid` when `limit`
+/// has passed, so that a hung guest fails one test instead of stalling the whole harness run.
+struct KillAfter {
+    done: std::sync::mpsc::Sender<()>,
+    watchdog: std::thread::JoinHandle<bool>,
+}
+
+impl KillAfter {
+    /// Arms it. `pid` must stay the caller's process until [`KillAfter::disarm`].
+    fn arm(pid: i32, limit: Duration) -> Self {
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            let timed_out = matches!(
+                finished.recv_timeout(limit),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            );
+            if timed_out {
+                // SAFETY: kill(2) on a process the caller still owns (not disarmed, so not reaped).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            timed_out
+        });
+        Self { done, watchdog }
+    }
+
+    /// Disarms it; whether it had fired.
+    fn disarm(self) -> bool {
+        let _ = self.done.send(());
+        self.watchdog.join().unwrap()
+    }
+}
 
 fn assert_ok(out: &Output, what: &str) {
     assert!(
@@ -574,23 +593,12 @@ fn a_hung_guest_is_caught_and_ends_the_task_with_255() {
     // SIGSTOP: the VM is still there, but nothing in it runs any more, as with a wedged guest.
     // SAFETY: kill(2) with a pid read from the sandbox's pid file.
     unsafe { libc::kill(vmm, libc::SIGSTOP) };
-    // Should the shim never notice, the VMM is killed after CTR_TIMEOUT so that the suite goes on.
-    let (done, finished) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        let timed_out = matches!(
-            finished.recv_timeout(CTR_TIMEOUT),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-        );
-        if timed_out {
-            // SAFETY: kill(2) on the stopped VMM, which the shim has not reaped (ctr still waits).
-            unsafe { libc::kill(vmm, libc::SIGKILL) };
-        }
-        timed_out
-    });
+    // Should the shim never notice, the VMM is killed after CTR_TIMEOUT so that the suite goes on
+    // (while ctr waits, the shim has not reaped it: the pid is still the VMM's).
+    let deadline = KillAfter::arm(vmm, CTR_TIMEOUT);
     let code = r.finish().0;
-    let _ = done.send(());
     assert!(
-        !watchdog.join().unwrap(),
+        !deadline.disarm(),
         "the shim did not notice a stopped VMM within {CTR_TIMEOUT:?}"
     );
     assert_eq!(code, Some(255));
