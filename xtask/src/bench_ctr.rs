@@ -74,12 +74,23 @@ fn field_kib(text: &str, key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// `label=MiB …` for each `(label, key)` of a `/proc` text in kB (`?` for a key it lacks).
+fn mib_fields(text: &str, fields: &[(&str, &str)]) -> String {
+    fields
+        .iter()
+        .map(|(label, key)| {
+            let v =
+                field_kib(text, key).map_or("?".into(), |v| format!("{:.1}", v as f64 / 1024.0));
+            format!("{label}={v}")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// PSS of `pid`, KiB.
 fn pss_kib(pid: i32) -> Option<u64> {
     let t = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    t.lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    field_kib(&t, "Pss:")
 }
 
 /// Pids whose executable's file name is `name` and whose command line mentions `needle`.
@@ -184,36 +195,40 @@ pub fn inner(a: &InnerArgs) -> Result<()> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    let mi = |k: &str| {
-        field_kib(&meminfo, k).map_or("?".into(), |v| format!("{:.1}", v as f64 / 1024.0))
-    };
     println!(
-        "guest_meminfo_mib total={} free={} cached={} shmem={} slab={} kernel_stack={} page_tables={} anon={}",
-        mi("MemTotal:"),
-        mi("MemFree:"),
-        mi("Cached:"),
-        mi("Shmem:"),
-        mi("Slab:"),
-        mi("KernelStack:"),
-        mi("PageTables:"),
-        mi("AnonPages:")
+        "guest_meminfo_mib {}",
+        mib_fields(
+            &meminfo,
+            &[
+                ("total", "MemTotal:"),
+                ("free", "MemFree:"),
+                ("cached", "Cached:"),
+                ("shmem", "Shmem:"),
+                ("slab", "Slab:"),
+                ("kernel_stack", "KernelStack:"),
+                ("page_tables", "PageTables:"),
+                ("anon", "AnonPages:"),
+            ]
+        )
     );
     // Every process of the sandbox, by kind of memory.
     for (name, pids) in [("shim", &shim), ("vmm", &vmm), ("virtiofsd", &fsd)] {
         for pid in pids.iter() {
             let rollup =
                 std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-            let rk = |k: &str| {
-                field_kib(&rollup, k).map_or("?".into(), |v| format!("{:.1}", v as f64 / 1024.0))
-            };
             println!(
-                "smaps_mib {name} pid={pid} rss={} pss={} pss_anon={} pss_file={} pss_shmem={} shmem_pmd_mapped={}",
-                rk("Rss:"),
-                rk("Pss:"),
-                rk("Pss_Anon:"),
-                rk("Pss_File:"),
-                rk("Pss_Shmem:"),
-                rk("ShmemPmdMapped:")
+                "smaps_mib {name} pid={pid} {}",
+                mib_fields(
+                    &rollup,
+                    &[
+                        ("rss", "Rss:"),
+                        ("pss", "Pss:"),
+                        ("pss_anon", "Pss_Anon:"),
+                        ("pss_file", "Pss_File:"),
+                        ("pss_shmem", "Pss_Shmem:"),
+                        ("shmem_pmd_mapped", "ShmemPmdMapped:"),
+                    ]
+                )
             );
         }
     }

@@ -89,9 +89,7 @@ pub fn run(args: Args) -> Result<()> {
             ),
         ];
         // The suites boot the kernel this run built (HULL_GUEST_KERNEL picks which).
-        if let Some(dir) = image.initramfs.parent() {
-            env.push(("HULL_GUEST_DIR".to_owned(), dir.display().to_string()));
-        }
+        env.push(("HULL_GUEST_DIR".to_owned(), image.dir.display().to_string()));
         // One test at a time: L1 has two vCPUs, and oversubscribing them with L2 vCPUs makes nested
         // SVM under TCG lock up L1's kernel (seen with QEMU as the inner VMM too). Each test boots
         // in ~2 s, so little is lost.
