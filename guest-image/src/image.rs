@@ -35,7 +35,7 @@ pub const KERNEL_CONFIG: &str = "guest-image/kernel/hull.config";
 pub const LOAD_ORDER_PATH: &str = "/lib/modules/load-order";
 
 /// Bump when the initramfs layout (or anything else not captured by file fingerprints) changes.
-const LAYOUT_VERSION: u32 = 4;
+const LAYOUT_VERSION: u32 = 5;
 
 /// What to build and where.
 #[derive(Debug, Clone)]
@@ -286,9 +286,16 @@ fn initramfs_bytes(agent: &Path, modules: &[PathBuf], guest_paths: &[String]) ->
         w.char_dev("dev/null", 0o666, 1, 3)?;
         w.file("init", 0o755, &agent_bytes)?;
 
-        // Every directory above a module, parents first (a BTreeSet sorts a parent before its children).
+        // Every directory above a module and above the load order (written even when empty, for a
+        // kernel with everything built in), parents first (a BTreeSet sorts a parent before its
+        // children). The kernel's unpacker creates no missing parents: a file without its
+        // directory is silently dropped.
         let mut dirs = BTreeSet::new();
-        for p in guest_paths {
+        for p in guest_paths
+            .iter()
+            .map(String::as_str)
+            .chain([LOAD_ORDER_PATH])
+        {
             let mut dir = Path::new(p.trim_start_matches('/'));
             while let Some(parent) = dir.parent().filter(|d| !d.as_os_str().is_empty()) {
                 dirs.insert(parent.to_string_lossy().into_owned());
@@ -406,6 +413,42 @@ mod tests {
             in_guest_path(&k, &xz),
             Err(Error::CompressedModule { .. })
         ));
+    }
+
+    /// The entry names of a newc archive, in order.
+    fn cpio_names(mut a: &[u8]) -> Vec<String> {
+        let field = |h: &[u8], i: usize| {
+            usize::from_str_radix(std::str::from_utf8(&h[6 + 8 * i..14 + 8 * i]).unwrap(), 16)
+                .unwrap()
+        };
+        let pad = |n: usize| n.next_multiple_of(4);
+        let mut names = Vec::new();
+        loop {
+            assert_eq!(&a[..6], b"070701");
+            let (size, name_len) = (field(a, 6), field(a, 11));
+            let name = std::str::from_utf8(&a[110..110 + name_len - 1]).unwrap();
+            if name == "TRAILER!!!" {
+                return names;
+            }
+            names.push(name.to_string());
+            a = &a[pad(pad(110 + name_len) + size)..];
+        }
+    }
+
+    #[test]
+    fn the_load_order_has_its_directories_even_without_modules() {
+        let agent = std::env::temp_dir().join(format!("hull-agent-{}", std::process::id()));
+        fs::write(&agent, b"\x7fELF").unwrap();
+        let bytes = initramfs_bytes(&agent, &[], &[]);
+        let _ = fs::remove_file(&agent);
+        let names = cpio_names(&bytes.unwrap());
+        let at = |n: &str| names.iter().position(|x| x == n);
+        let (lib, modules, order) = (
+            at("lib").expect("lib"),
+            at("lib/modules").expect("lib/modules"),
+            at("lib/modules/load-order").expect("load-order"),
+        );
+        assert!(lib < modules && modules < order, "{names:?}");
     }
 
     #[test]

@@ -33,6 +33,17 @@ fn assert_boots(kernel: &std::path::Path, vcpus: u8, memory_mib: u32) {
         .unwrap_or_else(|| panic!("no ready marker: {run:?}"));
     assert_eq!(ready.cpus, u32::from(vcpus), "{run:?}");
     assert_eq!(ready.kernel, img.release);
+    // A healthy quiet boot leaves the agent nothing to complain about (each console line costs
+    // the boot a trap per character).
+    let complaints: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("hull-agent:"))
+        .collect();
+    assert!(
+        complaints.is_empty(),
+        "the agent complained: {complaints:?}"
+    );
     // MemTotal is RAM minus what the kernel reserves for itself: between 80% and 100% of it.
     let configured_kib = u64::from(memory_mib) * 1024;
     assert!(
