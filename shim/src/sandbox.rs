@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hull_agent_api::client::{connect_watching, process_alive, AgentClient, Target};
+use hull_agent_api::client::{connect_watching, process_alive, thread_states, AgentClient, Target};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
@@ -363,6 +363,7 @@ impl Sandbox {
                 tracing::error!(
                     sandbox = %sb.id,
                     vmm_pid = sb.vmm_pid,
+                    vmm_threads = %thread_states(sb.vmm_pid),
                     "the guest agent failed its liveness check ({why}): the guest is hung; killing hull-vmm, every task in it ends with 255"
                 );
                 sb.kill_vmm();

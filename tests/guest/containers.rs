@@ -7,30 +7,33 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use hull_agent_api::client::process_alive;
+use hull_agent_api::client::{connect_watching, process_alive, thread_states, Target};
 use hull_tests::containers::{Ctx, GUEST_FIXTURE_ROOTFS};
 use hull_tests::RunningVm;
 
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
+/// How long a VM that has booted may take to answer a new connection (as the shim's
+/// `agent_check_timeout`).
+const ANSWER_LIMIT: Duration = Duration::from_secs(30);
 
-/// The shared VM: its hybrid-vsock socket and its VMM's PID. If the VM died (a case that made it
+/// The shared VM: its hybrid-vsock socket, its VMM's PID, and whether it was just booted. If the VM died (a case that made it
 /// die fails on its own), the next case gets a new one, numbered, rather than failing on a corpse.
-fn vm() -> (PathBuf, u32) {
+fn vm() -> (PathBuf, u32, bool) {
     static VM: Mutex<Option<(PathBuf, u32)>> = Mutex::new(None);
     static BOOTS: AtomicU32 = AtomicU32::new(0);
     let mut slot = VM.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((uds, pid)) = slot.clone() {
         if process_alive(pid)() {
-            return (uds, pid);
+            return (uds, pid, false);
         }
         eprintln!("the suite's VM (pid {pid}) is gone: booting another");
     }
     let n = BOOTS.fetch_add(1, Ordering::Relaxed);
     let started = start_vm(n);
     *slot = Some(started.clone());
-    started
+    (started.0, started.1, true)
 }
 
 /// Boots VM number `n` of this suite.
@@ -78,8 +81,25 @@ fn start_vm(n: u32) -> (PathBuf, u32) {
 /// Nothing to clean up per case: the VM goes with the process.
 struct Guard;
 
+/// Each case starts with a VM that answers: one that stopped answering (a hang is the failure of
+/// the case it happened in) is killed, with its threads' states on stderr, and another booted, so
+/// that the cases after it do not each wait out [`BOOT_LIMIT`] on it.
 async fn ctx(name: &str) -> (Ctx, Guard) {
-    let (uds, pid) = vm();
+    let (mut uds, mut pid, fresh) = vm();
+    let limit = if fresh { BOOT_LIMIT } else { ANSWER_LIMIT };
+    let target = Target::HybridVsock {
+        uds: uds.clone(),
+        port: hull_agent_api::DEFAULT_AGENT_PORT,
+    };
+    if let Err(e) = connect_watching(&target, Instant::now() + limit, process_alive(pid)).await {
+        eprintln!(
+            "the suite's VM (pid {pid}) does not answer ({e}); its threads: {}; killing it",
+            thread_states(pid)
+        );
+        // SAFETY: kill(2) on our own child, not reaped (its parent thread never waits for it).
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        (uds, pid, _) = vm();
+    }
     let (ctx, _) = Ctx::guest(uds, pid, GUEST_FIXTURE_ROOTFS, name, BOOT_LIMIT).await;
     (ctx, Guard)
 }

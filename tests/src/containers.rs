@@ -112,14 +112,19 @@ impl Ctx {
         prefix: &str,
         boot_limit: Duration,
     ) -> (Self, hull_agent_api::client::AgentClient) {
-        use hull_agent_api::client::{connect_watching, process_alive, Target};
+        use hull_agent_api::client::{connect_watching, process_alive, thread_states, Target};
         let target = Target::HybridVsock {
             uds,
             port: hull_agent_api::DEFAULT_AGENT_PORT,
         };
         let client = connect_watching(&target, Instant::now() + boot_limit, process_alive(vmm_pid))
             .await
-            .expect("the guest agent answers");
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the guest agent answers: {e:?}; hull-vmm's threads: {}",
+                    thread_states(vmm_pid)
+                )
+            });
         let ctx = Self {
             client: client.raw().clone(),
             rootfs: PathBuf::from(rootfs),

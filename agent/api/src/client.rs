@@ -267,6 +267,52 @@ pub fn process_alive(pid: u32) -> impl FnMut() -> bool + Send {
     }
 }
 
+/// What each thread of process `pid` (e.g. hull-vmm) is doing, for a report on a guest that
+/// stopped answering: `name state cpu=seconds wchan=…` per thread, `; `-separated. A vCPU thread
+/// that is `R` and gains CPU time runs guest code (a guest spinning); one that sleeps in
+/// `kvm_vcpu_block` is halted with no interrupt coming (a lost wakeup). Empty if `pid` is gone.
+pub fn thread_states(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return String::new();
+    };
+    let mut lines: Vec<(u64, String)> = tasks
+        .flatten()
+        .filter_map(|t| {
+            let tid: u64 = t.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            let wchan = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+            Some((tid, describe_thread(&stat, &wchan)?))
+        })
+        .collect();
+    lines.sort();
+    lines
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// One thread from its `/proc/…/task/TID/stat` and `wchan` texts.
+fn describe_thread(stat: &str, wchan: &str) -> Option<String> {
+    // "TID (comm) S ppid … utime stime …": the name may hold spaces and parentheses.
+    let (head, rest) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?;
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name; in clock ticks
+    // (USER_HZ, 100 on Linux).
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let wchan = match wchan.trim() {
+        "" | "0" => "-",
+        w => w,
+    };
+    Some(format!(
+        "{name} {state} cpu={}.{:02}s wchan={wchan}",
+        ticks / 100,
+        ticks % 100
+    ))
+}
+
 /// Runs `fut`, polling `vm_alive` every [`LIVENESS_POLL`]; `None` when the VM died first.
 async fn watching<T, F: FnMut() -> bool>(
     fut: impl Future<Output = T>,

@@ -415,6 +415,28 @@ fn process_liveness() {
 }
 
 #[test]
+fn thread_reports_read_proc() {
+    let stat = "4242 (vcpu 0 (x)) R 1 1 1 0 -1 4194560 10 0 0 0 1234 56 0 0 20 0 3 0 99";
+    assert_eq!(
+        describe_thread(stat, "0").as_deref(),
+        Some("vcpu 0 (x) R cpu=12.90s wchan=-")
+    );
+    assert_eq!(
+        describe_thread(stat, "kvm_vcpu_block\n").as_deref(),
+        Some("vcpu 0 (x) R cpu=12.90s wchan=kvm_vcpu_block")
+    );
+    assert_eq!(describe_thread("garbage", ""), None);
+
+    // This process (other tests' threads come and go): every entry is a thread's.
+    let here = thread_states(std::process::id());
+    assert!(!here.is_empty());
+    for t in here.split("; ") {
+        assert!(t.contains(" cpu=") && t.contains(" wchan="), "{here}");
+    }
+    assert_eq!(thread_states(u32::MAX), "");
+}
+
+#[test]
 fn connect_futures_are_send() {
     // The shim spawns them on a multi-threaded runtime.
     fn assert_send<T: Send>(_: &T) {}
