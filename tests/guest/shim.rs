@@ -332,12 +332,15 @@ impl Running {
         let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
-        assert_eq!(
-            line,
-            "ready\n",
-            "{id} did not start: {:?}",
-            child.try_wait()
-        );
+        if line != "ready\n" {
+            let _ = child.kill();
+            let end = child.wait_with_output();
+            panic!(
+                "{id} did not start: stdout began {line:?}; ctr: {:?}\ncontainerd: {}",
+                end.map(|o| (o.status, text(&o.stderr))),
+                tail(&c.log(), 40)
+            );
+        }
         Self {
             child,
             out,
