@@ -132,6 +132,9 @@ fn cmdline(cfg: &Config, shared: bool) -> String {
     c
 }
 
+/// How long a hung guest's hull-vmm gets to log its vCPUs' state (SIGUSR2) before it is killed.
+const DUMP_GRACE: Duration = Duration::from_millis(500);
+
 /// The directory of sandbox `id`.
 pub fn sandbox_dir(cfg: &Config, id: &str) -> PathBuf {
     cfg.runtime.state_dir.join(id)
@@ -366,6 +369,9 @@ impl Sandbox {
                     vmm_threads = %thread_states(sb.vmm_pid),
                     "the guest agent failed its liveness check ({why}): the guest is hung; killing hull-vmm, every task in it ends with 255"
                 );
+                // First hull-vmm logs where each vCPU is (into this log), then it dies.
+                sb.signal_vmm(libc::SIGUSR2);
+                tokio::time::sleep(DUMP_GRACE).await;
                 sb.kill_vmm();
                 return;
             }
@@ -374,9 +380,13 @@ impl Sandbox {
 
     /// SIGKILLs hull-vmm (while it has not been reaped, its pid is still ours).
     pub fn kill_vmm(&self) {
+        self.signal_vmm(libc::SIGKILL);
+    }
+
+    fn signal_vmm(&self, signal: libc::c_int) {
         if self.vmm_alive() && self.vmm_pid > 1 {
             // SAFETY: kill(2) on our own child, not yet reaped.
-            unsafe { libc::kill(self.vmm_pid as i32, libc::SIGKILL) };
+            unsafe { libc::kill(self.vmm_pid as i32, signal) };
         }
     }
 }

@@ -144,6 +144,41 @@ fn agent_answers_and_destroy_sandbox_powers_off() {
 }
 
 #[test]
+fn sigusr2_logs_each_vcpu_state_and_the_vm_goes_on() {
+    let vm = RunningVm::start("dump", 1, 256, "");
+    let pid = vm.pid();
+    runtime().block_on(async {
+        let deadline = Instant::now() + BOOT_LIMIT;
+        let client = connect_watching(&agent_target(&vm), deadline, process_alive(pid))
+            .await
+            .expect("the agent answers");
+        // SAFETY: kill(2) on our own child, not reaped.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGUSR2) }, 0);
+        // Still alive and serving after the dump; the power-off below takes vCPU exits, and every
+        // exit logs a pending request first, so the dump is in stderr by the time the VM ends.
+        assert_eq!(client.check().await.unwrap(), ServingStatus::SERVING);
+        client.destroy_sandbox().await.unwrap();
+    });
+    let run = vm.wait(Duration::from_secs(120));
+    assert!(run.status.success(), "{run:?}");
+    let dumps: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("vCPU state on request"))
+        .collect();
+    assert_eq!(dumps.len(), 1, "one dump of the one vCPU: {run:?}");
+    for field in ["vcpu=0", "rip=0x", "mp_state=", "cr3=0x"] {
+        assert!(dumps[0].contains(field), "{field} in {}", dumps[0]);
+    }
+    assert!(
+        run.stderr
+            .trim_end()
+            .ends_with("hull-vmm: guest powered off"),
+        "{run:?}"
+    );
+}
+
+#[test]
 fn a_dead_vm_is_reported_as_such() {
     let mut vm = RunningVm::start("dead", 1, 256, "");
     let pid = vm.pid();

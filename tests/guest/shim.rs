@@ -606,11 +606,17 @@ fn a_hung_guest_is_caught_and_ends_the_task_with_255() {
     );
     assert_eq!(code, Some(255));
     let log = c.log();
-    assert!(
-        log.contains("failed its liveness check"),
-        "the shim log does not say why the task ended: {}",
-        tail(&log, 40)
-    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("failed its liveness check"))
+        .unwrap_or_else(|| {
+            panic!(
+                "the shim log does not say why the task ended: {}",
+                tail(&log, 40)
+            )
+        });
+    // What hull-vmm's threads were doing: here every one is stopped (T), vCPU 0 among them.
+    assert!(line.contains("vcpu0 T cpu="), "{line}");
     wait_clean();
 }
 

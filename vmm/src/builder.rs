@@ -248,6 +248,7 @@ pub fn build_microvm(config: &VmConfig) -> Result<Vmm, BuildError> {
         vcpus: Vec::new(),
         stop: stop.clone(),
         events,
+        dump: exit.dump_trigger(),
         serial,
         event_loop,
         _vm: vm,

@@ -63,7 +63,14 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: under the shim, stderr is containerd's shim log.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Before any thread exists: every thread inherits the blocked signal.
+    if let Err(e) = hull_vmm::vmm::block_dump_signal() {
+        eprintln!("hull-vmm: error: cannot block SIGUSR2 (the state dump signal): {e}");
+        return ExitCode::from(1);
+    }
     let cli = Cli::parse();
     // Parsed here rather than by clap, so that a bad drive is one `error:` line and exit 1.
     let drives: Result<Vec<_>, String> = cli.drives.iter().map(|d| d.parse()).collect();
@@ -99,6 +106,9 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Err(e) = hull_vmm::vmm::serve_dump_signal(vmm.dump_trigger()) {
+        tracing::warn!("cannot serve SIGUSR2 (vCPU state dumps): {e}");
+    }
     match vmm.wait() {
         Ok(reason @ hull_vmm::vmm::ExitReason::BackendGone) => {
             eprintln!("hull-vmm: error: {reason}");

@@ -1,4 +1,5 @@
-//! A running microVM: its vCPU threads, devices and memory, and how it ends.
+//! A running microVM: its vCPU threads, devices and memory, how it ends, and the state dump of its
+//! vCPUs on request ([`DumpTrigger`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -11,7 +12,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::Killable;
 
 use crate::devices::legacy::serial::SerialDevice;
-use crate::kvm::vcpu::{kick_signal, VcpuError};
+use crate::kvm::vcpu::{kick_signal, request_state_dump, VcpuError};
 
 /// How the guest ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,13 +41,31 @@ impl std::fmt::Display for ExitReason {
 /// What vCPUs and devices report to the VMM: an ending, or a failure.
 pub type VmEvent = Result<ExitReason, VcpuError>;
 
+/// What the VMM's main thread hears while the VM runs.
+pub enum Report {
+    /// The VM ended (the first one wins).
+    Ended(VmEvent),
+    /// Someone asked for the vCPUs' state ([`DumpTrigger`]).
+    DumpRequested,
+}
+
+impl Report {
+    /// The ending this reports, if it is one.
+    pub fn ended(self) -> Option<VmEvent> {
+        match self {
+            Self::Ended(e) => Some(e),
+            Self::DumpRequested => None,
+        }
+    }
+}
+
 /// A handle through which devices and vCPUs end the VM. The first report wins.
 #[derive(Clone)]
-pub struct ExitNotifier(Sender<VmEvent>);
+pub struct ExitNotifier(Sender<Report>);
 
 impl ExitNotifier {
     /// A notifier and the receiver the VMM waits on.
-    pub fn new() -> (Self, Receiver<VmEvent>) {
+    pub fn new() -> (Self, Receiver<Report>) {
         let (tx, rx) = channel();
         (Self(tx), rx)
     }
@@ -54,20 +73,82 @@ impl ExitNotifier {
     /// The guest ended for `reason`.
     pub fn exit(&self, reason: ExitReason) {
         // The receiver is gone only when the VMM is already tearing down.
-        let _ = self.0.send(Ok(reason));
+        let _ = self.0.send(Report::Ended(Ok(reason)));
     }
 
     /// A vCPU failed.
     pub fn fail(&self, err: VcpuError) {
-        let _ = self.0.send(Err(err));
+        let _ = self.0.send(Report::Ended(Err(err)));
     }
+
+    /// A dump trigger reporting to the same VMM.
+    pub fn dump_trigger(&self) -> DumpTrigger {
+        DumpTrigger(self.0.clone())
+    }
+}
+
+/// Asks a running VM to log each vCPU's state (registers, halted or not) once; the VM goes on.
+/// Safe to use at any time: after the VM ended it does nothing.
+#[derive(Clone)]
+pub struct DumpTrigger(Sender<Report>);
+
+impl DumpTrigger {
+    /// Requests the dump.
+    pub fn request(&self) {
+        let _ = self.0.send(Report::DumpRequested);
+    }
+}
+
+/// The signal that asks hull-vmm for a dump of its vCPUs' state.
+pub const DUMP_SIGNAL: libc::c_int = libc::SIGUSR2;
+
+fn dump_sigset() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset only write the set they are given, a local here.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, DUMP_SIGNAL);
+        set
+    }
+}
+
+/// Blocks [`DUMP_SIGNAL`] in the calling thread and so in every thread it starts afterwards: call
+/// it first thing in `main`, before any thread exists, so that the signal (whose default action
+/// would end the process) waits for [`serve_dump_signal`].
+pub fn block_dump_signal() -> std::io::Result<()> {
+    let set = dump_sigset();
+    // SAFETY: changes only this thread's signal mask, from a valid set.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(r))
+    }
+}
+
+/// Serves [`DUMP_SIGNAL`] (blocked by [`block_dump_signal`]) on a thread of its own: each one
+/// asks the VM for a dump of its vCPUs' state, in the log.
+pub fn serve_dump_signal(trigger: DumpTrigger) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("dump-signal".into())
+        .spawn(move || loop {
+            let set = dump_sigset();
+            let mut sig: libc::c_int = 0;
+            // SAFETY: sigwait reads a valid set and writes the signal number into a local.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                tracing::info!("SIGUSR2: dumping the vCPUs' state");
+                trigger.request();
+            }
+        })
+        .map(drop)
 }
 
 /// A booted microVM.
 pub struct Vmm {
     pub(crate) vcpus: Vec<JoinHandle<()>>,
     pub(crate) stop: Arc<AtomicBool>,
-    pub(crate) events: Receiver<VmEvent>,
+    pub(crate) events: Receiver<Report>,
+    pub(crate) dump: DumpTrigger,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) event_loop: crate::event_loop::EventLoop,
     // Kept alive for as long as the vCPUs run: KVM maps this memory.
@@ -79,12 +160,25 @@ pub struct Vmm {
 }
 
 impl Vmm {
-    /// Blocks until the guest ends, then stops every vCPU thread and flushes the console.
+    /// A handle that asks this VM for a dump of its vCPUs' state (served while [`Vmm::wait`] runs).
+    pub fn dump_trigger(&self) -> DumpTrigger {
+        self.dump.clone()
+    }
+
+    /// Blocks until the guest ends, then stops every vCPU thread and flushes the console. Dump
+    /// requests that come meanwhile are served: every vCPU is kicked out of `KVM_RUN` to log its
+    /// state.
     pub fn wait(mut self) -> VmEvent {
-        let event = self
-            .events
-            .recv()
-            .expect("the VMM holds a sender for as long as vCPUs run");
+        let event = loop {
+            match self
+                .events
+                .recv()
+                .expect("the VMM holds a sender for as long as vCPUs run")
+            {
+                Report::Ended(event) => break event,
+                Report::DumpRequested => self.kick_for_dump(),
+            }
+        };
         self.stop_vcpus();
         self.event_loop.stop();
         self.serial.lock().expect("serial lock").drain();
@@ -94,6 +188,18 @@ impl Vmm {
             "VM ended"
         );
         event
+    }
+
+    fn kick_for_dump(&self) {
+        request_state_dump();
+        // A kick that lands just before a vCPU enters KVM_RUN is lost (as in stop_vcpus): kick a
+        // few times. A vCPU logs once per request, however often it is kicked.
+        for _ in 0..3 {
+            for handle in &self.vcpus {
+                let _ = handle.kill(kick_signal());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     fn stop_vcpus(&mut self) {

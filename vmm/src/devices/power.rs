@@ -66,7 +66,10 @@ mod tests {
         let (n, rx) = ExitNotifier::new();
         let mut dev = PowerDevice::new(n);
         dev.write(SLEEP_CONTROL, &[(S5_SLEEP_TYPE << 2) | SLP_EN]);
-        assert_eq!(rx.try_recv().unwrap().unwrap(), ExitReason::PowerOff);
+        assert_eq!(
+            rx.try_recv().unwrap().ended().unwrap().unwrap(),
+            ExitReason::PowerOff
+        );
     }
 
     #[test]
@@ -88,6 +91,9 @@ mod tests {
         let (n, rx) = ExitNotifier::new();
         let mut dev = PowerDevice::new(n);
         dev.write(RESET, &[pio::ACPI_RESET_VALUE]);
-        assert_eq!(rx.try_recv().unwrap().unwrap(), ExitReason::Reboot);
+        assert_eq!(
+            rx.try_recv().unwrap().ended().unwrap().unwrap(),
+            ExitReason::Reboot
+        );
     }
 }

@@ -3,8 +3,11 @@
 //!
 //! Stopping: the VMM sets the shared `stop` flag and sends [`kick_signal`] to each vCPU thread until
 //! it ends; the signal makes `KVM_RUN` return `EINTR`, and the loop then sees the flag.
+//!
+//! State dumps: [`request_state_dump`] then a kick makes each vCPU log where it is (registers and
+//! whether it is halted) once, and go on running: what a guest that stopped answering was doing.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -60,6 +63,15 @@ extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 pub fn install_kick_handler() -> std::io::Result<()> {
     vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// Bumped by [`request_state_dump`]; each vCPU logs its state when it sees a new value.
+static DUMP_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Asks every vCPU to log its state once, the next time it leaves `KVM_RUN` (kick it to make that
+/// now).
+pub fn request_state_dump() {
+    DUMP_GENERATION.fetch_add(1, Ordering::AcqRel);
 }
 
 /// One vCPU, configured and ready to run.
@@ -156,33 +168,46 @@ impl Vcpu {
             .map_err(|e| VcpuError::Spawn(index, e))
     }
 
-    /// Logs where the vCPU was when the guest triple-faulted: the one clue such a death leaves.
-    fn log_fault_state(&self) {
+    /// Logs where the vCPU is (`why`: the occasion), at error level so that it shows by default:
+    /// after a triple fault, the one clue such a death leaves; on request, what a guest that
+    /// stopped answering is doing (`mp_state` 3 is halted, waiting for an interrupt; `if` says
+    /// whether interrupts are enabled).
+    fn log_state(&self, why: &str) {
+        let mp_state = self.fd.get_mp_state().map(|m| m.mp_state).ok();
         match (self.fd.get_regs(), self.fd.get_sregs()) {
             (Ok(r), Ok(s)) => tracing::error!(
                 vcpu = self.index,
                 rip = format_args!("{:#x}", r.rip),
                 rsp = format_args!("{:#x}", r.rsp),
                 rflags = format_args!("{:#x}", r.rflags),
+                r#if = r.rflags & (1 << 9) != 0,
+                mp_state,
                 cr0 = format_args!("{:#x}", s.cr0),
                 cr2 = format_args!("{:#x}", s.cr2),
                 cr3 = format_args!("{:#x}", s.cr3),
                 cr4 = format_args!("{:#x}", s.cr4),
                 idt = format_args!("{:#x}/{:#x}", s.idt.base, s.idt.limit),
-                "guest triple-faulted: vCPU state at the shutdown exit"
+                "vCPU state {why}"
             ),
             (r, s) => tracing::error!(
                 vcpu = self.index,
                 regs_ok = r.is_ok(),
                 sregs_ok = s.is_ok(),
-                "guest triple-faulted; its registers cannot be read"
+                mp_state,
+                "vCPU state {why}: its registers cannot be read"
             ),
         }
     }
 
     fn run(&mut self, stop: &AtomicBool) -> Result<(), VcpuError> {
         let index = self.index;
+        let mut dumped = DUMP_GENERATION.load(Ordering::Acquire);
         while !stop.load(Ordering::Acquire) {
+            let wanted = DUMP_GENERATION.load(Ordering::Acquire);
+            if wanted != dumped {
+                dumped = wanted;
+                self.log_state("on request (SIGUSR2)");
+            }
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !self.pio.read(u64::from(port), data) {
@@ -207,7 +232,7 @@ impl Vcpu {
                     return Ok(());
                 }
                 Ok(VcpuExit::Shutdown) => {
-                    self.log_fault_state();
+                    self.log_state("at the guest's triple fault (shutdown exit)");
                     self.exit.exit(ExitReason::TripleFault);
                     return Ok(());
                 }

@@ -51,6 +51,9 @@ mod tests {
         let (notifier, rx) = ExitNotifier::new();
         let mut dev = I8042::new(notifier);
         dev.write(4, &[0xfe]); // port 0x64: pulse reset
-        assert_eq!(rx.try_recv().unwrap().unwrap(), ExitReason::Reboot);
+        assert_eq!(
+            rx.try_recv().unwrap().ended().unwrap().unwrap(),
+            ExitReason::Reboot
+        );
     }
 }
