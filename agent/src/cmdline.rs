@@ -9,6 +9,7 @@
 //! | `agent.echo_port=N` | an echo service on vsock port N (host throughput tests) | none |
 //! | `agent.hostname=NAME` | the guest's hostname | `hull` |
 //! | `agent.shared_fs=TAG` | mount the virtio-fs TAG on `/run/hull/shared` before serving | none |
+//! | `page_reporting.page_reporting_order=N` | the kernel's own key (free page reporting in blocks of 2^N pages); Linux 6.1's balloon driver overwrites it when it registers, so the agent sets it again | the kernel's (2 MiB) |
 //!
 //! Flags are on when bare or `=1|y|yes|on|true`, off with any other value. The last occurrence of a
 //! key wins. A bad value keeps the default and is reported (see [`Cmdline::warnings`]): the
@@ -20,6 +21,10 @@ use hull_agent_api::DEFAULT_AGENT_PORT;
 pub const DEBUG_FLAG: &str = "hull.debug";
 /// The flag of the one-shot mode.
 pub const ONESHOT_FLAG: &str = "hull.oneshot";
+/// The kernel's own key for the free page reporting order (Linux's `mm/page_reporting.c`).
+pub const PAGE_REPORTING_ORDER: &str = "page_reporting.page_reporting_order";
+/// The largest page order Linux's buddy allocator has on x86-64 (`MAX_ORDER - 1`).
+pub const MAX_PAGE_ORDER: u32 = 10;
 /// The hostname unless `agent.hostname=` says otherwise.
 pub const DEFAULT_HOSTNAME: &str = "hull";
 
@@ -40,6 +45,9 @@ pub struct Cmdline {
     pub hostname: String,
     /// `agent.shared_fs=`: the virtio-fs tag of the sandbox's shared directory.
     pub shared_fs: Option<String>,
+    /// `page_reporting.page_reporting_order=`: the smallest free block the guest reports to
+    /// the host's balloon device, as a page order.
+    pub page_reporting_order: Option<u32>,
     /// Ignored values, one line each, e.g. `agent.port=x: not a port (1..=4294967295)`.
     pub warnings: Vec<String>,
 }
@@ -54,6 +62,7 @@ impl Default for Cmdline {
             echo_port: None,
             hostname: DEFAULT_HOSTNAME.to_owned(),
             shared_fs: None,
+            page_reporting_order: None,
             warnings: Vec::new(),
         }
     }
@@ -99,6 +108,17 @@ impl Cmdline {
                         "{word}: not a virtio-fs tag (1 to 36 bytes); no shared directory"
                     )),
                 },
+                PAGE_REPORTING_ORDER => {
+                    match value
+                        .and_then(|v| v.parse::<u32>().ok())
+                        .filter(|o| *o <= MAX_PAGE_ORDER)
+                    {
+                        Some(o) => c.page_reporting_order = Some(o),
+                        None => c.warnings.push(format!(
+                            "{word}: not a page order (0..={MAX_PAGE_ORDER}); the kernel's is kept"
+                        )),
+                    }
+                }
                 _ => {}
             }
         }
@@ -230,6 +250,22 @@ mod tests {
             Cmdline::parse(&format!("agent.hostname={max}")).hostname,
             max
         );
+    }
+
+    #[test]
+    fn page_reporting_order() {
+        let c = Cmdline::parse("quiet page_reporting.page_reporting_order=4");
+        assert_eq!(c.page_reporting_order, Some(4));
+        assert!(c.warnings.is_empty());
+        for bad in [
+            "page_reporting.page_reporting_order=11",
+            "page_reporting.page_reporting_order=x",
+            "page_reporting.page_reporting_order",
+        ] {
+            let c = Cmdline::parse(bad);
+            assert_eq!(c.page_reporting_order, None, "{bad}");
+            assert_eq!(c.warnings.len(), 1, "{bad}");
+        }
     }
 
     #[test]

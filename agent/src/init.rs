@@ -139,7 +139,28 @@ fn boot() -> Result<Cmdline, InitError> {
     }
 
     load_modules(&log);
+    if let Some(order) = cmdline.page_reporting_order {
+        let t = Instant::now();
+        match set_page_reporting_order(order) {
+            Ok(()) => log.step(format_args!("page reporting order {order}"), t),
+            Err(e) => say(&format!(
+                "hull-agent: {PAGE_REPORTING_ORDER_PARAM}: {e}: free pages are reported in the kernel's block size"
+            )),
+        }
+    }
     Ok(cmdline)
+}
+
+/// The kernel's run-time knob for the free page reporting order.
+pub const PAGE_REPORTING_ORDER_PARAM: &str =
+    "/sys/module/page_reporting/parameters/page_reporting_order";
+
+/// Sets the smallest free block (a page order) the guest reports to the host's balloon. Linux 6.1
+/// reads `page_reporting.page_reporting_order=` from the command line but overwrites it when the
+/// balloon driver registers (by then built in and probed, or loaded above); its parameter is
+/// writable at run time and applies from the next report on.
+fn set_page_reporting_order(order: u32) -> io::Result<()> {
+    fs::write(PAGE_REPORTING_ORDER_PARAM, order.to_string())
 }
 
 /// Makes `/` a mount of its own: a bind mount of the initramfs moved over it, as switch_root

@@ -112,6 +112,13 @@ pub struct Sandbox {
     stopping: AtomicBool,
 }
 
+/// The smallest free block a guest reports to the host (a page order: 2^N pages of 4 KiB).
+/// Linux's default is 2 MiB (order 9), the host's huge page, so a 2 MiB block the guest uses only
+/// part of is never given back. Measured in the harness (one idle sandbox, settled PSS of shim,
+/// hull-vmm and virtiofsd, medians): order 9: 49.9 MiB, 7: 42.3, 5: 36.5, 4: 38.2, 2: 36.4. Order 5
+/// (128 KiB) is where it stops falling; the host then splits the huge pages those blocks are in.
+pub const PAGE_REPORTING_ORDER: u32 = 5;
+
 /// The guest's kernel command line for a sandbox.
 fn cmdline(cfg: &Config, shared: bool) -> String {
     // As hull-vmm's default (`cryptomgr.notests`: the guest's crypto self-tests are 0.3 s of its
@@ -124,6 +131,11 @@ fn cmdline(cfg: &Config, shared: bool) -> String {
     });
     if shared {
         c.push_str(&format!(" agent.shared_fs={SHARED_TAG}"));
+    }
+    if cfg.hypervisor.free_page_reporting {
+        c.push_str(&format!(
+            " page_reporting.page_reporting_order={PAGE_REPORTING_ORDER}"
+        ));
     }
     if !cfg.hypervisor.kernel_params.is_empty() {
         c.push(' ');

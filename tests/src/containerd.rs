@@ -5,6 +5,12 @@
 //!
 //! The directory must be on a file system overlayfs accepts as an upper layer (tmpfs or ext4;
 //! in L1, under `/run`), as containerd's overlayfs snapshotter keeps its layers there.
+//!
+//! Inside the harness's L1 the workspace's `target/` is a 9p share (no page cache for reads), so
+//! every `ctr run` would read the shim, hull-vmm, the kernel and the initramfs from the host
+//! again, a cost no real host has. There, [`Containerd::start`] first installs Hull into the
+//! containerd directory (L1's own tmpfs), as a host has it installed on a local disk
+//! (`/usr/local/bin`, `/usr/share/hull`): the same files, copied once.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -34,7 +40,66 @@ pub struct HullPaths {
     pub debug: bool,
 }
 
+/// `statfs(2)`'s `f_type` of a 9p file system.
+const V9FS_MAGIC: i64 = 0x0102_1997;
+
+/// Whether `p` is on a 9p file system (the harness's shares of the host's files).
+pub fn on_9p(p: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs(2) writes into a zeroed struct we own; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == V9FS_MAGIC
+}
+
 impl HullPaths {
+    /// Copies the shim (and its `containerd-shim-hull-v2` alias), hull-vmm, the kernel, the
+    /// initramfs and virtiofsd into `dir` (`bin/`, `share/`, `libexec/`), as a host installs
+    /// them; returns the installed paths.
+    pub fn install(&self, dir: &Path) -> Result<Self, String> {
+        let copy = |from: &Path, sub: &str| -> Result<PathBuf, String> {
+            let d = dir.join(sub);
+            std::fs::create_dir_all(&d).map_err(|e| format!("create {}: {e}", d.display()))?;
+            let name = from
+                .file_name()
+                .ok_or_else(|| format!("{} names no file", from.display()))?;
+            let to = d.join(name);
+            std::fs::copy(from, &to)
+                .map_err(|e| format!("install {} as {}: {e}", from.display(), to.display()))?;
+            Ok(to)
+        };
+        let shim = copy(&self.shim_dir.join("containerd-shim-kata-v2"), "bin")?;
+        let bin = shim.parent().unwrap_or(dir).to_path_buf();
+        let _ = std::os::unix::fs::symlink(
+            "containerd-shim-kata-v2",
+            bin.join("containerd-shim-hull-v2"),
+        );
+        Ok(Self {
+            shim_dir: bin,
+            vmm: copy(&self.vmm, "bin")?,
+            kernel: copy(&self.kernel, "share")?,
+            initrd: copy(&self.initrd, "share")?,
+            virtiofsd: copy(&self.virtiofsd, "libexec")?,
+            debug: self.debug,
+        })
+    }
+
+    /// Whether any of these files is read through a 9p share.
+    fn any_on_9p(&self) -> bool {
+        [
+            &self.shim_dir,
+            &self.vmm,
+            &self.kernel,
+            &self.initrd,
+            &self.virtiofsd,
+        ]
+        .iter()
+        .any(|p| on_9p(p))
+    }
+
     /// This workspace's builds: `target/<profile>/` for the shim and hull-vmm.
     pub fn workspace(profile: &str) -> Self {
         let root = crate::workspace_root();
@@ -61,6 +126,8 @@ pub struct Containerd {
     pub hull_config: PathBuf,
     /// Hull's state directory (sandboxes).
     pub hull_state: PathBuf,
+    /// Hull's files as the shims use them (installed into `dir/install` when they were on 9p).
+    pub hull: HullPaths,
     /// Started here (stopped and removed on drop), or attached to.
     owned: bool,
 }
@@ -84,6 +151,11 @@ impl Containerd {
                 return Err(format!("mounting a tmpfs on {} failed", dir.display()));
             }
         }
+        let hull = &if hull.any_on_9p() {
+            hull.install(&dir.join("install"))?
+        } else {
+            hull.clone()
+        };
         let address = dir.join("containerd.sock");
         let hull_state = dir.join("hull");
         let hull_config = dir.join("hull.toml");
@@ -136,6 +208,7 @@ impl Containerd {
             address,
             hull_config,
             hull_state,
+            hull: hull.clone(),
             owned: true,
         };
         // Ready when `ctr version` gets an answer from the daemon.
@@ -163,8 +236,9 @@ impl Containerd {
 
     /// An existing containerd at `address` (its shims find Hull's configuration themselves);
     /// left alone on drop.
-    pub fn attach(address: &Path) -> Self {
+    pub fn attach(address: &Path, hull: &HullPaths) -> Self {
         Self {
+            hull: hull.clone(),
             child: None,
             dir: address.parent().unwrap_or(Path::new("/")).to_path_buf(),
             address: address.to_path_buf(),
