@@ -137,9 +137,7 @@ pub fn run(args: Args) -> Result<()> {
         extra = vec!["--fsbench".into(), fsbench.display().to_string()];
     }
     if args.what == Bench::Ctr {
-        let mut c = cargo::cargo();
-        c.args(["build", "--release", "-p", "hull-shim"]);
-        cargo::run(c)?;
+        cargo::build_release(&["hull-shim"])?;
         hull_tests::containers::fixtures();
     }
     let kernel = match args.kernel {
@@ -147,7 +145,7 @@ pub fn run(args: Args) -> Result<()> {
         KernelKind::Bzimage => img.vmlinuz,
     };
     let me = std::env::current_exe()?;
-    let vmm = cargo::root().join("target/release/hull-vmm");
+    let vmm = cargo::release_dir().join("hull-vmm");
     let cmd: Vec<String> = vec![
         me.display().to_string(),
         "bench-inner".into(),

@@ -113,9 +113,8 @@ fn pids_of(name: &str, needle: &str) -> Vec<i32> {
 
 /// The part that runs where guests boot.
 pub fn inner(a: &InnerArgs) -> Result<()> {
-    let root = crate::cargo::root();
     let paths = HullPaths {
-        shim_dir: root.join("target/release"),
+        shim_dir: crate::cargo::release_dir(),
         vmm: a.vmm.clone(),
         kernel: a.kernel.clone(),
         initrd: a.initrd.clone(),

@@ -15,6 +15,32 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The target the shipped host binaries (hull-vmm, the shim) are built for: explicit, so that the
+/// static-linking flag never reaches build scripts and proc macros.
+pub const RELEASE_TARGET: &str = hull_guest_image::AGENT_TARGET;
+
+/// Where [`build_release`] puts them.
+pub fn release_dir() -> PathBuf {
+    root().join("target").join(RELEASE_TARGET).join("release")
+}
+
+/// `cargo build --release` of `packages`, statically linked (glibc static-pie, as the guest
+/// agent): what is installed on a host. Each start of a sandbox runs the shim three times
+/// (containerd's `start`, the serving shim, containerd's `delete` after it) and hull-vmm once;
+/// without the dynamic loader each exec took 24 ms less in the harness (hull-vmm: 74 -> 50 ms).
+pub fn build_release(packages: &[&str]) -> Result<PathBuf> {
+    let mut c = cargo();
+    c.args(["build", "--release", "--target", RELEASE_TARGET])
+        // CARGO_ENCODED_RUSTFLAGS would win over RUSTFLAGS: make ours the only one.
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env("RUSTFLAGS", hull_guest_image::AGENT_RUSTFLAGS);
+    for p in packages {
+        c.args(["-p", p]);
+    }
+    run(c)?;
+    Ok(release_dir())
+}
+
 /// The cargo that runs us.
 pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));

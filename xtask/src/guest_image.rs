@@ -94,9 +94,7 @@ fn relative(path: &Path) -> &Path {
 /// and the guest image.
 pub fn prepare_release() -> Result<GuestImage> {
     crate::deps::ensure()?;
-    let mut c = crate::cargo::cargo();
-    c.args(["build", "--release", "-p", "hull-vmm"]);
-    crate::cargo::run(c)?;
+    crate::cargo::build_release(&["hull-vmm"])?;
     ensure()
 }
 

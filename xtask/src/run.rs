@@ -33,9 +33,7 @@ pub struct Args {
 /// Runs the main job.
 pub fn run(args: Args) -> Result<()> {
     let img = guest_image::prepare_release()?;
-    let mut c = cargo::cargo();
-    c.args(["build", "--release", "-p", "hull-shim"]);
-    cargo::run(c)?;
+    cargo::build_release(&["hull-shim"])?;
     hull_tests::containers::fixtures();
     let host = hull_harness::detect();
     if host.needs_l1() {
@@ -89,10 +87,9 @@ pub struct InnerArgs {
 
 /// Starts (or uses) containerd, imports busybox, runs the container.
 pub fn inner(a: InnerArgs) -> Result<()> {
-    let root = cargo::root();
     let paths = HullPaths {
-        shim_dir: root.join("target/release"),
-        vmm: root.join("target/release/hull-vmm"),
+        shim_dir: cargo::release_dir(),
+        vmm: cargo::release_dir().join("hull-vmm"),
         kernel: a.kernel.clone(),
         initrd: a.initrd.clone(),
         virtiofsd: hull_tests::virtiofsd::binary(),
