@@ -148,6 +148,11 @@ impl AgentService for Service {
         _ctx: &TtrpcContext,
         _req: agent::DestroySandboxRequest,
     ) -> ttrpc::Result<agent::DestroySandboxResponse> {
+        if self.state.mode() == Mode::Guest {
+            // The host may stop the VM as soon as it has the reply: what containers wrote to
+            // disks must be on the host first.
+            let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
+        }
         reply("DestroySandbox", Ok(sandbox::destroy_sandbox(&self.state)))
     }
 
