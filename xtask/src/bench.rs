@@ -185,7 +185,10 @@ pub fn run(args: Args) -> Result<()> {
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     marker_ms: f64,
-    /// The guest's own uptime at the marker (kernel start to init's marker).
+    /// The guest's own uptime at the marker (kernel start to init's marker). In the harness it
+    /// undercounts: until the kernel switches to kvm-clock its clock runs on timer ticks, which
+    /// nested TCG delivers late (host timestamps of an `earlyprintk` boot: ~1 s of wall time from
+    /// the vCPUs' start to a ready line at 475 ms of uptime).
     guest_ms: f64,
     exit_ms: f64,
     rss_kib: i64,
