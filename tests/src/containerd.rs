@@ -44,7 +44,7 @@ pub struct HullPaths {
 const V9FS_MAGIC: i64 = 0x0102_1997;
 
 /// Whether `p` is on a 9p file system (the harness's shares of the host's files).
-pub fn on_9p(p: &Path) -> bool {
+fn on_9p(p: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
         return false;
     };
@@ -56,9 +56,8 @@ pub fn on_9p(p: &Path) -> bool {
 }
 
 impl HullPaths {
-    /// Copies the shim (and its `containerd-shim-hull-v2` alias), hull-vmm, the kernel, the
-    /// initramfs and virtiofsd into `dir` (`bin/`, `share/`, `libexec/`), as a host installs
-    /// them; returns the installed paths.
+    /// Copies the shim, hull-vmm, the kernel, the initramfs and virtiofsd into `dir` (`bin/`,
+    /// `share/`, `libexec/`), as a host installs them; returns the installed paths.
     pub fn install(&self, dir: &Path) -> Result<Self, String> {
         let copy = |from: &Path, sub: &str| -> Result<PathBuf, String> {
             let d = dir.join(sub);
@@ -72,13 +71,8 @@ impl HullPaths {
             Ok(to)
         };
         let shim = copy(&self.shim_dir.join("containerd-shim-kata-v2"), "bin")?;
-        let bin = shim.parent().unwrap_or(dir).to_path_buf();
-        let _ = std::os::unix::fs::symlink(
-            "containerd-shim-kata-v2",
-            bin.join("containerd-shim-hull-v2"),
-        );
         Ok(Self {
-            shim_dir: bin,
+            shim_dir: shim.parent().unwrap_or(dir).to_path_buf(),
             vmm: copy(&self.vmm, "bin")?,
             kernel: copy(&self.kernel, "share")?,
             initrd: copy(&self.initrd, "share")?,
@@ -126,8 +120,6 @@ pub struct Containerd {
     pub hull_config: PathBuf,
     /// Hull's state directory (sandboxes).
     pub hull_state: PathBuf,
-    /// Hull's files as the shims use them (installed into `dir/install` when they were on 9p).
-    pub hull: HullPaths,
     /// Started here (stopped and removed on drop), or attached to.
     owned: bool,
 }
@@ -208,7 +200,6 @@ impl Containerd {
             address,
             hull_config,
             hull_state,
-            hull: hull.clone(),
             owned: true,
         };
         // Ready when `ctr version` gets an answer from the daemon.
@@ -236,9 +227,8 @@ impl Containerd {
 
     /// An existing containerd at `address` (its shims find Hull's configuration themselves);
     /// left alone on drop.
-    pub fn attach(address: &Path, hull: &HullPaths) -> Self {
+    pub fn attach(address: &Path) -> Self {
         Self {
-            hull: hull.clone(),
             child: None,
             dir: address.parent().unwrap_or(Path::new("/")).to_path_buf(),
             address: address.to_path_buf(),

@@ -34,24 +34,7 @@ const FILES: usize = 1000;
 
 /// Builds `hull-fsbench` static (like the agent: it runs in the guest and on L1) and returns it.
 pub fn build_fsbench() -> Result<PathBuf> {
-    use hull_guest_image::{AGENT_RUSTFLAGS, AGENT_TARGET};
-    let mut c = crate::cargo::cargo();
-    c.args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "hull-fsbench",
-        "--target",
-        AGENT_TARGET,
-    ])
-    .env_remove("CARGO_ENCODED_RUSTFLAGS")
-    .env("RUSTFLAGS", AGENT_RUSTFLAGS);
-    crate::cargo::run(c)?;
-    Ok(crate::cargo::root()
-        .join("target")
-        .join(AGENT_TARGET)
-        .join("release/hull-fsbench"))
+    Ok(crate::cargo::build_release(&["hull-fsbench"])?.join("hull-fsbench"))
 }
 
 /// One run's three numbers.

@@ -97,7 +97,7 @@ pub fn inner(a: InnerArgs) -> Result<()> {
     };
     let t = Instant::now();
     let ctd = match &a.address {
-        Some(addr) => Containerd::attach(addr, &paths),
+        Some(addr) => Containerd::attach(addr),
         None => {
             let dir = PathBuf::from(format!("/run/hull-run-{}", std::process::id()));
             let c = Containerd::start(&dir, &paths, true).map_err(anyhow::Error::msg)?;
