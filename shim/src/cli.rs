@@ -12,6 +12,11 @@ pub enum Action {
     Serve,
     /// `-v`: print the version.
     Version,
+    /// `warm`: boot a sandbox ahead of need and wait for a pod's `start` to claim it
+    /// ([`crate::warm`]); launched by `start`, not by containerd.
+    Warm,
+    /// `drain-warm`: stop every warm sandbox (an operator's or a test's command).
+    DrainWarm,
 }
 
 /// Parsed arguments.
@@ -77,15 +82,21 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
         match arg.as_str() {
             "start" => action = Some(Action::Start),
             "delete" => action = Some(Action::Delete),
-            other => return Err(format!("unknown action {other:?} (start or delete)")),
+            "warm" => action = Some(Action::Warm),
+            "drain-warm" => action = Some(Action::DrainWarm),
+            other => {
+                return Err(format!(
+                    "unknown action {other:?} (start, delete, warm or drain-warm)"
+                ))
+            }
         }
     }
     a.action = action.unwrap_or(Action::Serve);
-    if a.action != Action::Version {
+    if !matches!(a.action, Action::Version | Action::DrainWarm) {
         if a.id.is_empty() {
             return Err("-id is required".into());
         }
-        if a.namespace.is_empty() {
+        if a.namespace.is_empty() && a.action != Action::Warm {
             return Err("-namespace is required".into());
         }
     }
@@ -128,6 +139,10 @@ mod tests {
         let a = p(&["-namespace", "n", "-id", "x"]).unwrap();
         assert_eq!(a.action, Action::Serve);
         assert_eq!(p(&["-v"]).unwrap().action, Action::Version);
+        assert_eq!(p(&["drain-warm"]).unwrap().action, Action::DrainWarm);
+        let a = p(&["-id", ".boot-k-1", "warm"]).unwrap();
+        assert_eq!((a.action, a.id.as_str()), (Action::Warm, ".boot-k-1"));
+        assert!(p(&["warm"]).unwrap_err().contains("-id"));
     }
 
     #[test]

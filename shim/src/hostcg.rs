@@ -93,6 +93,29 @@ impl HostCgroup {
         (!cg.dirs.is_empty()).then_some(cg)
     }
 
+    /// Moves the sandbox to `hull/<id>`: creates it, moves `pids` and the shim there, removes
+    /// the old directories (cgroup v2 renames no cgroup). Charges stay where they were made.
+    pub fn rehome(&mut self, id: &str, pids: &[u32]) {
+        let me = std::process::id();
+        for dir in self.dirs.iter_mut() {
+            let Some(parent) = dir.parent() else { continue };
+            let new = parent.join(id);
+            if let Err(e) = std::fs::create_dir_all(&new) {
+                tracing::warn!(cgroup = %new.display(), "cannot create the sandbox cgroup: {e}");
+                continue;
+            }
+            for pid in pids.iter().copied().chain([me]) {
+                if let Err(e) = std::fs::write(new.join("cgroup.procs"), pid.to_string()) {
+                    tracing::warn!(cgroup = %new.display(), pid, "cannot move into the sandbox cgroup: {e}");
+                }
+            }
+            if let Err(e) = std::fs::remove_dir(&*dir) {
+                tracing::warn!(cgroup = %dir.display(), "old sandbox cgroup not removed: {e}");
+            }
+            *dir = new;
+        }
+    }
+
     /// Moves the shim back where it was and removes the directories (their other processes
     /// must have ended).
     pub fn remove(self) {

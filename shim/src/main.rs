@@ -5,11 +5,13 @@
 //! containerd runs the binary three ways ([`cli`] parses them):
 //! - `… start`: find or launch the sandbox's shim and print its socket address ([`start`]);
 //! - `… delete`: clean up after a shim that died ([`start::delete`]);
-//! - no action: be the shim, serving on the socket `start` passed as fd 3 ([`serve`]).
+//! - no action: be the shim, serving on the socket `start` passed as fd 3 ([`serve`]);
+//! - `… warm` (launched by `start`, not containerd): boot a sandbox ahead of need and serve the
+//!   pod that claims it ([`warm`]); `… drain-warm` stops those.
 //!
 //! Module map: [`config`] (the TOML file), [`sandbox`] (VM, virtiofsd, share), [`service`] (the
 //! Task API), [`io`] (stdio), [`spec`] (the OCI spec for the guest), [`mount`] (host mounts),
-//! [`events`] (to containerd).
+//! [`events`] (to containerd), [`warm`] (sandboxes booted ahead of need).
 
 mod cli;
 mod config;
@@ -22,6 +24,7 @@ mod serve;
 mod service;
 mod spec;
 mod start;
+mod warm;
 
 use std::process::ExitCode;
 
@@ -44,6 +47,14 @@ fn main() -> ExitCode {
         cli::Action::Start => start::start(&args),
         cli::Action::Delete => start::delete(&args),
         cli::Action::Serve => serve::serve(&args),
+        cli::Action::Warm => serve::warm(&args),
+        cli::Action::DrainWarm => {
+            let (path, required) = config::locate(None);
+            config::Config::load(&path, required)
+                .map_err(anyhow::Error::from)
+                .and_then(|cfg| warm::drain(&cfg))
+                .map(|n| println!("stopped {n} warm sandbox(es)"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -355,6 +355,57 @@ impl Sandbox {
 }
 
 impl Sandbox {
+    /// Renames the sandbox's directory to that of `id` (a warm sandbox that finished booting:
+    /// `.boot-…` to `.warm-…`). Its sockets and mounts move with it; the VM's connections are
+    /// made already.
+    pub fn rename(&mut self, cfg: &Config, id: &str) -> Result<(), SandboxError> {
+        let to = sandbox_dir(cfg, id);
+        std::fs::rename(&self.dir, &to).map_err(io("rename the sandbox directory", &self.dir))?;
+        self.moved(cfg, id);
+        self.rehome_cgroup(id);
+        Ok(())
+    }
+
+    fn moved(&mut self, cfg: &Config, id: &str) {
+        self.id = id.to_string();
+        self.dir = sandbox_dir(cfg, id);
+        if self.shared.is_some() {
+            self.shared = Some(self.dir.join("shared"));
+        }
+    }
+
+    /// A warm sandbox becomes pod `id`'s in `namespace`: its directory (which the claimer
+    /// renamed to `id`'s already), its owner mark, its host cgroup (`hull/<id>`: hull-vmm,
+    /// virtiofsd and the shim move there; what was charged to the warm cgroup stays with
+    /// `hull/`).
+    pub fn adopt(&mut self, cfg: &Config, id: &str, namespace: &str) -> Result<(), SandboxError> {
+        self.moved(cfg, id);
+        let owner = self.dir.join(OWNER_FILE);
+        std::fs::write(&owner, namespace).map_err(io("write", &owner))?;
+        self.rehome_cgroup(id);
+        Ok(())
+    }
+
+    fn rehome_cgroup(&self, id: &str) {
+        let mut pids = vec![self.vmm_pid];
+        if let Some(pid) = self.virtiofsd_pid() {
+            pids.push(pid);
+        }
+        let mut cg = self.cgroup.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cg) = cg.as_mut() {
+            cg.rehome(id, &pids);
+        }
+    }
+
+    /// virtiofsd's pid, while it runs.
+    pub fn virtiofsd_pid(&self) -> Option<u32> {
+        self.virtiofsd
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|c| c.id())
+    }
+
     /// Whether hull-vmm is still running.
     pub fn vmm_alive(&self) -> bool {
         self.vmm_exit.borrow().is_none()
@@ -542,6 +593,14 @@ fn live_pids(dir: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// Kills the processes the pid files of `dir` name, if they still are hull-vmm and virtiofsd.
+pub fn kill_recorded(dir: &Path) {
+    for pid in live_pids(dir) {
+        // SAFETY: kill(2) with a pid we checked is the process a sandbox started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
 /// The file in a sandbox directory naming the containerd namespace that owns it.
 const OWNER_FILE: &str = "namespace";
 
@@ -596,10 +655,7 @@ pub fn force_cleanup(cfg: &Config, id: &str, namespace: &str) {
         return;
     }
     let dir = sandbox_dir(cfg, id);
-    for pid in live_pids(&dir) {
-        // SAFETY: kill(2) with a pid we checked is the process we started.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
+    kill_recorded(&dir);
     cleanup_dir(&dir);
     crate::hostcg::force_remove(id);
 }

@@ -135,6 +135,8 @@ struct Inner {
     shutdown: Arc<Notify>,
     /// Output pumps of processes created but not yet started, by (container, exec).
     pumps: Mutex<PumpMap>,
+    /// A warm sandbox this shim was adopted with, and its key, until the first Create takes it.
+    warm: Mutex<Option<(String, Sandbox)>>,
 }
 
 impl Service {
@@ -149,7 +151,30 @@ impl Service {
                 sandbox_lock: tokio::sync::Mutex::new(()),
                 shutdown,
                 pumps: Mutex::new(HashMap::new()),
+                warm: Mutex::new(None),
             }),
+        }
+    }
+
+    /// Gives the service a booted sandbox (a warm one a pod's `start` claimed for this shim),
+    /// booted with the configuration key `key`: the first Create uses it if its configuration
+    /// and size give the same key.
+    pub fn set_warm(&self, key: String, sb: Sandbox) {
+        *self.inner.warm.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, sb));
+    }
+
+    fn take_warm(&self) -> Option<(String, Sandbox)> {
+        self.inner
+            .warm
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Stops a warm sandbox no Create used (the shim is going).
+    pub async fn drop_warm(&self) {
+        if let Some((_, sb)) = self.take_warm() {
+            sb.stop(Duration::from_secs(10)).await;
         }
     }
 
@@ -243,20 +268,38 @@ impl Service {
             .sizing(annotations)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let t = std::time::Instant::now();
-        let sb = Sandbox::start(cfg, &self.inner.namespace, id, size)
-            .await
-            .map_err(|e| {
-                let code = match e {
-                    crate::sandbox::SandboxError::InUse { .. } => Code::ALREADY_EXISTS,
-                    _ => Code::INTERNAL,
-                };
-                status(code, e.to_string())
-            })?;
+        let mut warm = None;
+        if let Some((key, w)) = self.take_warm() {
+            if key == cfg.vm_key(size) && w.id == id {
+                warm = Some(w);
+            } else {
+                tracing::info!(
+                    sandbox = id,
+                    vcpus = size.vcpus,
+                    memory_mib = size.memory_mib,
+                    "the warm sandbox does not fit this pod (configuration or size): booting one"
+                );
+                w.stop(Duration::from_secs(10)).await;
+            }
+        }
+        let was_warm = warm.is_some();
+        let started = match warm {
+            Some(w) => Ok(w),
+            None => Sandbox::start(cfg, &self.inner.namespace, id, size).await,
+        };
+        let sb = started.map_err(|e| {
+            let code = match e {
+                crate::sandbox::SandboxError::InUse { .. } => Code::ALREADY_EXISTS,
+                _ => Code::INTERNAL,
+            };
+            status(code, e.to_string())
+        })?;
         tracing::info!(
             sandbox = id,
             vcpus = size.vcpus,
             memory_mib = size.memory_mib,
             ms = t.elapsed().as_millis() as u64,
+            warm = was_warm,
             "sandbox VM up"
         );
         let sb = Arc::new(sb);
@@ -542,7 +585,7 @@ async fn futures_join_all(handles: Vec<JoinHandle<u64>>) {
 /// `runtimeoptions.v1.Options` (`config_path`, field 2) or runc's `containerd.runc.v1.Options`
 /// (`config_path`?), read without their schemas: the first string field that is an absolute
 /// path ending in `.toml`.
-fn config_path_option(any: &Any) -> Option<String> {
+pub(crate) fn config_path_option(any: &Any) -> Option<String> {
     if any.value.is_empty() {
         return None;
     }
