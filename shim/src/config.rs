@@ -555,6 +555,7 @@ mod tests {
                 "[runtime]\nagent_check_timeout = 0",
                 "runtime.agent_check_timeout",
             ),
+            ("[factory]\nwarm_vms = 9", "factory.warm_vms"),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(
@@ -572,6 +573,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("default_memory"), "{e}");
+    }
+
+    #[test]
+    fn the_vm_key_follows_what_makes_a_vm_and_its_size_only() {
+        let a = parse("[factory]\nwarm_vms = 2").unwrap();
+        let size = a.default_sizing();
+        // The pool size and the agent checks do not change the VM.
+        let b = parse("[runtime]\nagent_check_interval = 9").unwrap();
+        assert_eq!(a.vm_key(size), b.vm_key(size));
+        assert_eq!(a.vm_key(size).len(), 16);
+        let bigger = Sizing {
+            memory_mib: size.memory_mib * 2,
+            ..size
+        };
+        assert_ne!(a.vm_key(size), a.vm_key(bigger));
+        for other in [
+            "[hypervisor]\nkernel_params = \"x=1\"",
+            "[hypervisor]\ndebug_console = true",
+            "[shared_fs]\ncache = \"always\"",
+            "[runtime]\nstate_dir = \"/run/other\"",
+        ] {
+            assert_ne!(
+                a.vm_key(size),
+                parse(other).unwrap().vm_key(size),
+                "{other}"
+            );
+        }
     }
 
     #[test]

@@ -93,10 +93,10 @@ impl HostCgroup {
         (!cg.dirs.is_empty()).then_some(cg)
     }
 
-    /// Moves the sandbox to `hull/<id>`: creates it, moves `pids` and the shim there, removes
-    /// the old directories (cgroup v2 renames no cgroup). Charges stay where they were made.
-    pub fn rehome(&mut self, id: &str, pids: &[u32]) {
-        let me = std::process::id();
+    /// Moves the sandbox to `hull/<id>`: creates it, moves every process of the old directories
+    /// (hull-vmm, virtiofsd and its sandboxed child, the shim) there and removes the old ones
+    /// (cgroup v2 renames no cgroup). Charges stay where they were made.
+    pub fn rehome(&mut self, id: &str) {
         for dir in self.dirs.iter_mut() {
             let Some(parent) = dir.parent() else { continue };
             let new = parent.join(id);
@@ -104,16 +104,36 @@ impl HostCgroup {
                 tracing::warn!(cgroup = %new.display(), "cannot create the sandbox cgroup: {e}");
                 continue;
             }
-            for pid in pids.iter().copied().chain([me]) {
-                if let Err(e) = std::fs::write(new.join("cgroup.procs"), pid.to_string()) {
-                    tracing::warn!(cgroup = %new.display(), pid, "cannot move into the sandbox cgroup: {e}");
+            // A process forking while we move it may leave its child behind: a few rounds.
+            let mut removed = Err(std::io::Error::from(std::io::ErrorKind::Other));
+            for _ in 0..5 {
+                let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                    if let Err(e) = std::fs::write(new.join("cgroup.procs"), pid) {
+                        tracing::warn!(cgroup = %new.display(), pid, "cannot move into the sandbox cgroup: {e}");
+                    }
+                }
+                removed = std::fs::remove_dir(&*dir);
+                if removed.is_ok() {
+                    break;
                 }
             }
-            if let Err(e) = std::fs::remove_dir(&*dir) {
+            if let Err(e) = removed {
                 tracing::warn!(cgroup = %dir.display(), "old sandbox cgroup not removed: {e}");
             }
             *dir = new;
         }
+    }
+
+    /// The processes in the sandbox's cgroup (of its first hierarchy).
+    pub fn procs(&self) -> Vec<u32> {
+        self.dirs
+            .first()
+            .and_then(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
     }
 
     /// Moves the shim back where it was and removes the directories (their other processes

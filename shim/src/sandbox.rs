@@ -207,6 +207,9 @@ impl Sandbox {
         }
         let uds = dir.join("vsock.sock");
         let vmm_bin = &cfg.hypervisor.path;
+        // A warm sandbox's shim changes its log when a pod adopts it: hull-vmm's output then
+        // goes through a pipe the shim copies to its log of the moment.
+        let forward = id.starts_with(crate::warm::BOOTING);
         let mut cmd = Command::new(vmm_bin);
         cmd.arg("--kernel")
             .arg(&cfg.hypervisor.kernel)
@@ -220,14 +223,23 @@ impl Sandbox {
             .stdin(Stdio::null())
             // The shim's stderr is containerd's shim log: the VMM's complaints go there, and
             // the console too when debugging.
-            .stderr(Stdio::inherit());
+            .stderr(if forward {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            });
         if cfg.hypervisor.debug_console {
-            cmd.args(["--console", "stdout"]).stdout(Stdio::from(
-                std::io::stderr()
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(io("duplicate stderr for", vmm_bin))?,
-            ));
+            cmd.args(["--console", "stdout"]);
+            if forward {
+                cmd.stdout(Stdio::piped());
+            } else {
+                cmd.stdout(Stdio::from(
+                    std::io::stderr()
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .map_err(io("duplicate stderr for", vmm_bin))?,
+                ));
+            }
         } else {
             cmd.args(["--console", "off"]).stdout(Stdio::null());
         }
@@ -239,11 +251,17 @@ impl Sandbox {
                 .arg(format!("tag={SHARED_TAG},socket={}", fs_socket.display()));
         }
         die_with_the_shim(&mut cmd);
-        let vmm = cmd.spawn().map_err(|source| SandboxError::Spawn {
+        let mut vmm = cmd.spawn().map_err(|source| SandboxError::Spawn {
             program: "hull-vmm",
             path: vmm_bin.clone(),
             source,
         })?;
+        if let Some(out) = vmm.stdout.take() {
+            tokio::spawn(forward_to_log(out));
+        }
+        if let Some(err) = vmm.stderr.take() {
+            tokio::spawn(forward_to_log(err));
+        }
         let pid = vmm.id().unwrap_or(0);
         let _ = std::fs::write(dir.join("vmm.pid"), pid.to_string());
         let target = Target::HybridVsock {
@@ -251,7 +269,6 @@ impl Sandbox {
             port: hull_agent_api::DEFAULT_AGENT_PORT,
         };
         let deadline = Instant::now() + Duration::from_secs(cfg.runtime.agent_timeout);
-        let mut vmm = vmm;
         let agent = match connect_watching(&target, deadline, process_alive(pid)).await {
             Ok(a) => a,
             Err(e) => {
@@ -387,23 +404,26 @@ impl Sandbox {
     }
 
     fn rehome_cgroup(&self, id: &str) {
-        let mut pids = vec![self.vmm_pid];
-        if let Some(pid) = self.virtiofsd_pid() {
-            pids.push(pid);
-        }
         let mut cg = self.cgroup.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(cg) = cg.as_mut() {
-            cg.rehome(id, &pids);
+            cg.rehome(id);
         }
     }
 
-    /// virtiofsd's pid, while it runs.
-    pub fn virtiofsd_pid(&self) -> Option<u32> {
-        self.virtiofsd
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .and_then(|c| c.id())
+    /// The sandbox's host processes: its cgroup's (the shim, hull-vmm, virtiofsd and its
+    /// sandboxed child); without a cgroup, hull-vmm's and virtiofsd's.
+    pub fn processes(&self) -> Vec<u32> {
+        let cg = self.cgroup.lock().unwrap_or_else(|e| e.into_inner());
+        match cg.as_ref() {
+            Some(cg) => cg.procs(),
+            None => {
+                let fsd = self.virtiofsd.lock().unwrap_or_else(|e| e.into_inner());
+                [Some(self.vmm_pid), fsd.as_ref().and_then(|c| c.id())]
+                    .into_iter()
+                    .flatten()
+                    .collect()
+            }
+        }
     }
 
     /// Whether hull-vmm is still running.
@@ -461,6 +481,16 @@ impl Sandbox {
             // SAFETY: kill(2) on our own child, not yet reaped.
             unsafe { libc::kill(self.vmm_pid as i32, signal) };
         }
+    }
+}
+
+/// Copies `from` line by line to the shim's stderr, whatever that is when the line comes.
+async fn forward_to_log(from: impl tokio::io::AsyncRead + Unpin) {
+    use std::io::Write as _;
+    use tokio::io::AsyncBufReadExt as _;
+    let mut lines = tokio::io::BufReader::new(from).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let _ = writeln!(std::io::stderr(), "{line}");
     }
 }
 

@@ -154,7 +154,7 @@ pub fn warm(args: &Args) -> Result<()> {
     let adopted = rt.block_on(async move {
         let mut term = signal(SignalKind::terminate())?;
         let size = cfg.default_sizing();
-        let key = cfg.vm_key(size);
+        let key = warm::key(&cfg, size);
         cfg.check_files()?;
         let t = std::time::Instant::now();
         let mut sb = tokio::select! {
@@ -176,7 +176,12 @@ pub fn warm(args: &Args) -> Result<()> {
         let (req, fd, stream) = loop {
             tokio::select! {
                 a = listener.accept() => {
-                    let stream = a.context("accept on the warm socket")?.0.into_std()?;
+                    let stream = a.context("accept on the warm socket")?.0;
+                    if !warm::peer_is_us(&stream) {
+                        tracing::warn!("refused a claim from another user");
+                        continue;
+                    }
+                    let stream = stream.into_std()?;
                     stream.set_nonblocking(false)?;
                     match warm::receive(&stream) {
                         Ok((req, fd)) => break (req, fd, stream),
@@ -202,8 +207,7 @@ pub fn warm(args: &Args) -> Result<()> {
         let _ = std::fs::remove_file(sb.dir.join(warm::SOCKET));
         // Normal priority again, for the shim and every thread of the VM and virtiofsd.
         warm::unidle_process(std::process::id());
-        warm::unidle_process(sb.vmm_pid);
-        if let Some(pid) = sb.virtiofsd_pid() {
+        for pid in sb.processes() {
             warm::unidle_process(pid);
         }
         if let Err(e) = std::env::set_current_dir(&req.bundle) {

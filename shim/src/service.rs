@@ -270,7 +270,7 @@ impl Service {
         let t = std::time::Instant::now();
         let mut warm = None;
         if let Some((key, w)) = self.take_warm() {
-            if key == cfg.vm_key(size) && w.id == id {
+            if key == crate::warm::key(cfg, size) && w.id == id {
                 warm = Some(w);
             } else {
                 tracing::info!(

@@ -6,7 +6,7 @@
 //! 1. `start` (of any pod, with `warm_vms` > 0) tops the pool up: it launches
 //!    `containerd-shim-kata-v2 -id .boot-<key>-<n> warm` ([`refill`]), at the lowest CPU priority
 //!    (`SCHED_IDLE`, inherited by its hull-vmm and virtiofsd): a pool that refills never slows a
-//!    pod that is starting. `<key>` is [`Config::vm_key`] of the default size.
+//!    pod that is starting. `<key>` is [`key`] of the default size.
 //! 2. That shim starts the sandbox as for a pod (directory `.boot-…`, its own host cgroup), binds
 //!    `warm.sock` in it and renames the directory to `.warm-<key>-<n>`: only then may it be
 //!    claimed (a booted VM whose agent answered).
@@ -48,6 +48,8 @@ pub const SOCKET: &str = "warm.sock";
 pub const PID_FILE: &str = "shim.pid";
 /// Where warm shims log until a pod adopts them (then: that pod's shim log).
 pub const LOG: &str = ".warm.log";
+/// Size past which the warm log is started afresh (the previous one kept as `.warm.log.old`).
+const MAX_LOG: u64 = 1 << 20;
 /// How long a claimer waits for the warm shim's answer.
 const ADOPT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -70,6 +72,28 @@ pub struct Adopt {
     pub debug: bool,
     /// `$TTRPC_ADDRESS` (containerd's event socket).
     pub ttrpc_address: String,
+}
+
+/// The pool key of sandboxes of `size` under `cfg`: [`Config::vm_key`] and the shim binary
+/// itself (its size and modification time, read once per process), so that a shim of another
+/// build never adopts (nor is counted as) a warm shim of this one.
+pub fn key(cfg: &Config, size: crate::config::Sizing) -> String {
+    static EXE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let exe = EXE.get_or_init(|| {
+        std::env::current_exe()
+            .and_then(std::fs::metadata)
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt as _;
+                format!("{}:{}.{}", m.len(), m.mtime(), m.mtime_nsec())
+            })
+            .unwrap_or_default()
+    });
+    use sha2::{Digest, Sha256};
+    Sha256::digest(format!("{}|{exe}", cfg.vm_key(size)).as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The warm sandboxes of `key` in `state_dir`, ready (`.warm-`) or booting (`.boot-`), whose shim
@@ -112,7 +136,7 @@ fn shim_pid(dir: &Path) -> Option<i32> {
 /// none to claim or every claim failed (the pod then boots its own).
 pub fn claim(cfg: &Config, group: &str, listener: &OwnedFd, req: &Adopt) -> Option<u32> {
     let state = &cfg.runtime.state_dir;
-    let key = cfg.vm_key(cfg.default_sizing());
+    let key = key(cfg, cfg.default_sizing());
     let target = sandbox_dir(cfg, group);
     for entry in entries(state, &key, &[READY]) {
         match rename_noreplace(&entry, &target) {
@@ -210,6 +234,14 @@ pub fn receive(stream: &UnixStream) -> Result<(Adopt, OwnedFd)> {
     Ok((req, fd))
 }
 
+/// Whether the peer of `stream` runs as our user (the claimer is a `start` that containerd ran;
+/// nobody else may hand this shim a socket and a bundle to serve).
+pub fn peer_is_us(stream: &tokio::net::UnixStream) -> bool {
+    // SAFETY: geteuid has no failure mode.
+    let me = unsafe { libc::geteuid() };
+    stream.peer_cred().is_ok_and(|c| c.uid() == me)
+}
+
 /// Answers a claimer.
 pub fn answer(mut stream: &UnixStream, text: &str) {
     let _ = stream.write_all(format!("{text}\n").as_bytes());
@@ -223,7 +255,7 @@ pub fn refill(cfg: &Config) {
         return;
     }
     let state = &cfg.runtime.state_dir;
-    let key = cfg.vm_key(cfg.default_sizing());
+    let key = key(cfg, cfg.default_sizing());
     let have = entries(state, &key, &[READY, BOOTING]).len();
     for n in have..want {
         if let Err(e) = launch(cfg, &key, n) {
@@ -241,6 +273,10 @@ fn launch(cfg: &Config, key: &str, n: usize) -> Result<()> {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     let id = format!("{BOOTING}{key}-{}{n}{nanos:08x}", std::process::id());
+    let log_path = state.join(LOG);
+    if std::fs::metadata(&log_path).is_ok_and(|m| m.len() > MAX_LOG) {
+        let _ = std::fs::rename(&log_path, state.join(format!("{LOG}.old")));
+    }
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -339,6 +375,7 @@ pub fn drain(cfg: &Config) -> Result<usize> {
         }
     }
     let _ = std::fs::remove_file(state.join(LOG));
+    let _ = std::fs::remove_file(state.join(format!("{LOG}.old")));
     Ok(dirs.len())
 }
 

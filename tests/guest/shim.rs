@@ -901,6 +901,147 @@ fn events_reach_containerd_and_an_oom_kill_is_one() {
     );
 }
 
+/// The ready warm sandbox directory (`.warm-…`) in the state directory, once there is one.
+fn wait_for_warm(c: &Containerd) -> PathBuf {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let ready = std::fs::read_dir(&c.hull_state).ok().and_then(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .find(|p| {
+                    p.file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .starts_with(".warm-")
+                })
+                .filter(|p| p.is_dir())
+        });
+        if let Some(p) = ready {
+            return p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no warm sandbox within 180 s; warm log: {}",
+            std::fs::read_to_string(c.hull_state.join(".warm.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `containerd-shim-kata-v2 drain-warm` for configuration `config`.
+fn drain_warm(c: &Containerd, config: &Path) -> String {
+    let out = Command::new(c.shim_dir.join("containerd-shim-kata-v2"))
+        .arg("drain-warm")
+        .env("HULL_CONF_FILE", config)
+        .output()
+        .unwrap();
+    assert_ok(&out, "drain-warm");
+    text(&out.stdout)
+}
+
+/// Drains the warm pool even when the test fails half-way, so later cases start clean.
+struct DrainOnDrop(PathBuf);
+
+impl Drop for DrainOnDrop {
+    fn drop(&mut self) {
+        let c = ctd();
+        let _ = Command::new(c.shim_dir.join("containerd-shim-kata-v2"))
+            .arg("drain-warm")
+            .env("HULL_CONF_FILE", &self.0)
+            .output();
+    }
+}
+
+/// The scheduling policy of process `pid` (field 41 of its stat: 0 normal, 5 idle).
+fn sched_policy(pid: i32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = stat.rsplit_once(')').unwrap().1;
+    // Field 3 (state) is the first after the name: policy (41) is the 39th from there.
+    after.split_whitespace().nth(38).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_warm_sandbox_serves_the_next_pod_and_the_pool_drains() {
+    let _m = machine();
+    let c = ctd();
+    let config = c.dir.join("warm.toml");
+    let good = std::fs::read_to_string(&c.hull_config).unwrap();
+    std::fs::write(&config, format!("{good}\n[factory]\nwarm_vms = 1\n")).unwrap();
+    let _drain = DrainOnDrop(config.clone());
+    let p = config.display().to_string();
+    let with_pool = ["--runtime-config-path", p.as_str()];
+
+    // The first pod boots its own VM; its start launches a warm one at idle priority.
+    let out = ctr_run("warm1", &with_pool, &["uname", "-r"], None);
+    assert_ok(&out, "ctr run warm1");
+    let warm = wait_for_warm(c);
+    let vmm = pid_in(&warm.join("vmm.pid"));
+    let shim = pid_in(&warm.join("shim.pid"));
+    assert_eq!(sched_policy(vmm), 5, "a warm VM boots at SCHED_IDLE");
+
+    // The next pod gets that VM and that shim.
+    let r = Running::start("warm2", &with_pool, SERVICE);
+    assert_eq!(pid_in(&c.hull_state.join("warm2/vmm.pid")), vmm);
+    assert!(!warm.exists(), "the warm directory became the pod's");
+    let bundle = c
+        .dir
+        .join("state/io.containerd.runtime.v2.task/default/warm2");
+    assert_eq!(pid_in(&bundle.join("shim.pid")), shim);
+    let cgroup = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
+    assert!(cgroup.trim_end().ends_with("/hull/warm2"), "{cgroup}");
+    for pid in std::fs::read_to_string("/sys/fs/cgroup/hull/warm2/cgroup.procs")
+        .unwrap()
+        .lines()
+    {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+        {
+            let tid = task.file_name().to_string_lossy().parse().unwrap();
+            assert_eq!(
+                sched_policy(tid),
+                0,
+                "thread {tid} of process {pid} of the adopted sandbox is not back to normal priority"
+            );
+        }
+    }
+    let echo = ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e",
+        "warm2",
+        "echo",
+        "from the warm VM",
+    ]);
+    assert_eq!(echo, "from the warm VM\n");
+    ctr_ok(&["task", "kill", "-s", "SIGTERM", "warm2"]);
+    assert_eq!(r.finish(), (Some(143), "term\n".to_string()));
+
+    // A pod of another size leaves the warm VM alone and boots its own.
+    let warm = wait_for_warm(c);
+    let out = ctr_run(
+        "warm3",
+        &[
+            "--runtime-config-path",
+            p.as_str(),
+            "--annotation",
+            "io.katacontainers.config.hypervisor.default_memory=320",
+        ],
+        &["true"],
+        None,
+    );
+    assert_ok(&out, "ctr run warm3");
+    assert!(
+        warm.is_dir(),
+        "the warm sandbox was taken by a pod it does not fit"
+    );
+
+    // drain-warm stops the pool; nothing of Hull is left.
+    assert_eq!(drain_warm(c, &config), "stopped 1 warm sandbox(es)\n");
+    wait_clean();
+}
+
 #[test]
 fn kata_annotations_size_the_vm() {
     let _m = machine();

@@ -120,6 +120,8 @@ pub struct Containerd {
     pub hull_config: PathBuf,
     /// Hull's state directory (sandboxes).
     pub hull_state: PathBuf,
+    /// Where the shim binary is (`containerd-shim-kata-v2`).
+    pub shim_dir: PathBuf,
     /// Started here (stopped and removed on drop), or attached to.
     owned: bool,
 }
@@ -200,6 +202,7 @@ impl Containerd {
             address,
             hull_config,
             hull_state,
+            shim_dir: hull.shim_dir.clone(),
             owned: true,
         };
         // Ready when `ctr version` gets an answer from the daemon.
@@ -234,6 +237,7 @@ impl Containerd {
             address: address.to_path_buf(),
             hull_config: PathBuf::from("/etc/hull/config.toml"),
             hull_state: PathBuf::from("/run/hull"),
+            shim_dir: PathBuf::new(),
             owned: false,
         }
     }
