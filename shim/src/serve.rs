@@ -49,7 +49,8 @@ fn log_to_fifo() {
     }
 }
 
-/// When this serving process started (for the timing fields of the log).
+/// When this process started serving (for the timing fields of the log): a warm shim's
+/// adoption, else its start.
 pub static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
 /// Logs through `tracing` to stderr, at `debug` or info unless `$HULL_LOG` says otherwise.
@@ -146,7 +147,6 @@ async fn serving(
 /// claimed it, serves that pod as a shim `start` launched would ([`crate::warm`]). Until then it
 /// logs to the state directory's warm log and runs at `SCHED_IDLE` (as `start` launched it).
 pub fn warm(args: &Args) -> Result<()> {
-    STARTED.get_or_init(std::time::Instant::now);
     init_tracing(args.debug);
     let (path, required) = config::locate(None);
     let cfg = Config::load(&path, required)?;
@@ -216,6 +216,8 @@ pub fn warm(args: &Args) -> Result<()> {
             return Err(e.into());
         }
         log_to_fifo();
+        // Serving starts now (the timing fields of the log count from here).
+        STARTED.get_or_init(std::time::Instant::now);
         tracing::info!(sandbox = %req.sandbox, container = %req.id, namespace = %req.namespace, "adopted by a pod: serving it with its warm sandbox");
         warm::answer(&stream, &format!("ok {}", std::process::id()));
         drop(stream);

@@ -5,8 +5,11 @@
 //! `<dir of containerd's socket>/s/<sha256 of address/namespace/sandbox>` (for the default
 //! containerd, `/run/containerd/s/…`, as runc's shim). If a shim serves there, that is the answer;
 //! otherwise it binds the socket, launches the serving shim with the listener as fd 3, in a
-//! session of its own and with no pipe of containerd's open, and answers its address. Either way
-//! it writes the address to `<bundle>/address` (containerd reads it back after a restart).
+//! session of its own and with no pipe of containerd's open, and answers its address. With
+//! `[factory] warm_vms` (the configuration as containerd's options on stdin name it), a new
+//! default-sized sandbox first tries to claim a warm shim and hands it the listener instead, and
+//! the pool is topped up ([`crate::warm`]). Either way it writes the address to
+//! `<bundle>/address` (containerd reads it back after a restart).
 //!
 //! The answer is a plain `unix://` address on stdout and nothing else: every containerd from 1.6
 //! to 2.x accepts it, and then speaks task API v2 to the shim (which also serves v3).

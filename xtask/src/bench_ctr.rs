@@ -2,9 +2,16 @@
 //! `io.containerd.kata.v2` (Hull: a microVM per run) and with `io.containerd.runc.v2`,
 //! alternately, N runs each, in ONE harness run; then the host memory of one idle Hull sandbox.
 //!
-//! Before them, `hull_phases_ms …`: medians of what the shims logged for the measured runs (VM
-//! up, CreateContainer in the guest, VM stopped), and the PSS of the idle sandbox right after
-//! `ctr run -d` returned.
+//! Each round runs Hull with the default configuration (the VM boots on the pod's time), runc,
+//! and Hull with one warm sandbox (`[factory] warm_vms = 1`: the pod gets a VM booted before).
+//! Before each measured run the pool is full and no warm VM is booting (the benchmark waits),
+//! so a refill never runs in a measured run: the warm numbers are those of a pool that keeps up
+//! with the pods, its one idle VM present during every run.
+//!
+//! Before the last lines, `hull_phases_ms …` and `hull_warm_phases_ms …`: medians of what the
+//! shims logged for the measured runs (VM up, CreateContainer in the guest, VM stopped), and
+//! the PSS of the idle sandbox right after `ctr run -d` returned; then
+//! `ctr_run_ms_warm hull_warm=… runc=… ratio=…`.
 //!
 //! Last two lines:
 //! - `sandbox_pss_mib=… (shim=… vmm=… virtiofsd=…)`: the proportional set size (PSS, from
@@ -23,17 +30,16 @@ use hull_tests::containerd::{Containerd, HullPaths, BUSYBOX_IMAGE, HULL_RUNTIME,
 use crate::bench::InnerArgs;
 
 fn run_once(ctd: &Containerd, runtime: &str, id: &str) -> Result<f64> {
+    run_with(ctd, runtime, &[], id)
+}
+
+fn run_with(ctd: &Containerd, runtime: &str, extra: &[&str], id: &str) -> Result<f64> {
+    let mut args = vec!["run", "--rm", "--runtime", runtime];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[BUSYBOX_IMAGE, id, "true"]);
     let t = Instant::now();
     let out = ctd
-        .ctr(&[
-            "run",
-            "--rm",
-            "--runtime",
-            runtime,
-            BUSYBOX_IMAGE,
-            id,
-            "true",
-        ])
+        .ctr(&args)
         .stdin(std::process::Stdio::null())
         .output()
         .context("run ctr")?;
@@ -54,10 +60,37 @@ fn run_once(ctd: &Containerd, runtime: &str, id: &str) -> Result<f64> {
     Ok(ms)
 }
 
-/// The `key` values (e.g. `ms=`) of the shim log lines (in containerd's log) saying `msg`.
-fn log_ms(log: &str, msg: &str, key: &str) -> Vec<f64> {
+/// Waits until the warm pool in `state` has a ready sandbox and none booting.
+fn wait_pool_full(state: &Path) -> Result<()> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let names: Vec<String> = std::fs::read_dir(state)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let ready = names.iter().any(|n| n.starts_with(".warm-"));
+        let booting = names.iter().any(|n| n.starts_with(".boot-"));
+        if ready && !booting {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the warm pool did not fill within 300 s ({names:?}); its log: {}",
+                std::fs::read_to_string(state.join(".warm.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The `key` values (e.g. `ms=`) of the shim log lines (in containerd's log) saying `msg` about
+/// a container or sandbox whose id starts with `who`.
+fn log_ms(log: &str, msg: &str, key: &str, who: &str) -> Vec<f64> {
+    let (plain, quoted) = (format!("={who}"), format!("=\"{who}"));
     log.lines()
-        .filter(|l| l.contains(msg))
+        .filter(|l| l.contains(msg) && (l.contains(&plain) || l.contains(&quoted)))
         .filter_map(|l| {
             l.split_whitespace()
                 .find_map(|w| w.strip_prefix(key))
@@ -124,20 +157,43 @@ pub fn inner(a: &InnerArgs) -> Result<()> {
     let dir = PathBuf::from(format!("/run/hull-bench-ctr-{}", std::process::id()));
     let ctd = Containerd::start(&dir, &paths, true).map_err(anyhow::Error::msg)?;
     ctd.import_busybox().map_err(anyhow::Error::msg)?;
-    // One unmeasured run of each: page cache, containerd's first snapshot.
-    run_once(&ctd, HULL_RUNTIME, "warm-hull")?;
-    run_once(&ctd, RUNC_RUNTIME, "warm-runc")?;
+    // The same configuration with a pool of one warm sandbox.
+    let pool_cfg = dir.join("hull-warm.toml");
+    let base = std::fs::read_to_string(&ctd.hull_config)?;
+    std::fs::write(&pool_cfg, format!("{base}\n[factory]\nwarm_vms = 1\n"))?;
+    let pool_path = pool_cfg.display().to_string();
+    let pool = ["--runtime-config-path", pool_path.as_str()];
+    // One unmeasured run of each: page cache, containerd's first snapshot; the pool fills.
+    run_once(&ctd, HULL_RUNTIME, "prime-hull")?;
+    run_once(&ctd, RUNC_RUNTIME, "prime-runc")?;
+    run_with(&ctd, HULL_RUNTIME, &pool, "prime-pool")?;
     println!(
         "bench ctr: ctr run --rm {BUSYBOX_IMAGE} true, {} runs of each runtime, alternating",
         a.runs
     );
-    let (mut hull, mut runc) = (Vec::new(), Vec::new());
+    let (mut hull, mut runc, mut warm) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..a.runs {
-        let h = run_once(&ctd, HULL_RUNTIME, &format!("h{i}"))?;
+        wait_pool_full(&ctd.hull_state)?;
+        let h = run_once(&ctd, HULL_RUNTIME, &format!("hc{i}"))?;
+        wait_pool_full(&ctd.hull_state)?;
         let r = run_once(&ctd, RUNC_RUNTIME, &format!("r{i}"))?;
-        println!("run {i:2} hull_ms={h:8.1} runc_ms={r:8.1}");
+        wait_pool_full(&ctd.hull_state)?;
+        let w = run_with(&ctd, HULL_RUNTIME, &pool, &format!("hw{i}"))?;
+        println!("run {i:2} hull_ms={h:8.1} runc_ms={r:8.1} hull_warm_ms={w:8.1}");
         hull.push(h);
         runc.push(r);
+        warm.push(w);
+    }
+    wait_pool_full(&ctd.hull_state)?;
+    let drained = std::process::Command::new(ctd.shim_dir.join("containerd-shim-kata-v2"))
+        .arg("drain-warm")
+        .env("HULL_CONF_FILE", &pool_cfg)
+        .output()?;
+    if !drained.status.success() {
+        bail!(
+            "drain-warm failed: {}",
+            String::from_utf8_lossy(&drained.stderr)
+        );
     }
 
     // One idle sandbox: its processes' PSS.
@@ -235,24 +291,39 @@ pub fn inner(a: &InnerArgs) -> Result<()> {
     let _ = ctd.ctr(&["task", "delete", "idle"]).output();
     let _ = ctd.ctr(&["container", "delete", "idle"]).output();
 
-    let (hm, rm) = (crate::bench::median(hull), crate::bench::median(runc));
+    let (hm, rm, wm) = (
+        crate::bench::median(hull),
+        crate::bench::median(runc),
+        crate::bench::median(warm),
+    );
     let log = ctd.log();
-    let phase = |msg: &str, key: &str| {
-        let v = log_ms(&log, msg, key);
-        if v.is_empty() {
-            "?".to_string()
-        } else {
-            format!("{:.0}", crate::bench::median(v))
-        }
+    let phases = |who: &str| {
+        let phase = |msg: &str, key: &str| {
+            let v = log_ms(&log, msg, key, who);
+            if v.is_empty() {
+                "?".to_string()
+            } else {
+                format!("{:.0}", crate::bench::median(v))
+            }
+        };
+        format!(
+            "shim_serving_to_create={} create={} vm_up={} create_in_guest={} vm_stopped={}",
+            phase(" create ", "since_serve_ms="),
+            phase(" created", "ms="),
+            phase("sandbox VM up", "ms="),
+            phase("CreateContainer in the guest", "ms="),
+            phase("sandbox VM stopped", "ms="),
+        )
     };
     println!(
-        "hull_phases_ms shim_serving_to_create={} create={} vm_up={} create_in_guest={} vm_stopped={}; sandbox_pss_mib_at_start={:.1}",
-        phase(" create ", "since_serve_ms="),
-        phase(" created", "ms="),
-        phase("sandbox VM up", "ms="),
-        phase("CreateContainer in the guest", "ms="),
-        phase("sandbox VM stopped", "ms="),
+        "hull_phases_ms {}; sandbox_pss_mib_at_start={:.1}",
+        phases("hc"),
         total(at_start)
+    );
+    println!("hull_warm_phases_ms {}", phases("hw"));
+    println!(
+        "ctr_run_ms_warm hull_warm={wm:.1} runc={rm:.1} ratio={:.2}",
+        wm / rm
     );
     println!(
         "sandbox_pss_mib={:.1} (shim={s:.1} vmm={v:.1} virtiofsd={f:.1})",
