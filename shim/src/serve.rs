@@ -151,16 +151,35 @@ pub fn warm(args: &Args) -> Result<()> {
     let (path, required) = config::locate(None);
     let cfg = Config::load(&path, required)?;
     let rt = runtime()?;
+    let marker = warm::marker(&cfg, &args.id);
     let adopted = rt.block_on(async move {
         let mut term = signal(SignalKind::terminate())?;
         let size = cfg.default_sizing();
         let key = warm::key(&cfg, size);
         cfg.check_files()?;
         let t = std::time::Instant::now();
-        let mut sb = tokio::select! {
-            r = Sandbox::start(&cfg, "", &args.id, size) => r?,
-            // Mid-boot: hull-vmm and virtiofsd die with us; `drain-warm` cleans the directory.
-            _ = term.recv() => return Ok(None),
+        // A SIGTERM mid-boot kills what the boot started (by its pid files, until the boot
+        // gives up): the boot's own error path then removes the rest, as for any failed start.
+        let dir = crate::sandbox::sandbox_dir(&cfg, &args.id);
+        let boot = Sandbox::start(&cfg, "", &args.id, size);
+        tokio::pin!(boot);
+        let mut stopping = false;
+        let booted = loop {
+            tokio::select! {
+                r = &mut boot => break r,
+                _ = term.recv(), if !stopping => stopping = true,
+                _ = tokio::time::sleep(Duration::from_millis(50)), if stopping => {}
+            }
+            crate::sandbox::kill_recorded(&dir);
+        };
+        let mut sb = match booted {
+            Ok(sb) if stopping => {
+                sb.stop(Duration::from_secs(1)).await;
+                return Ok(None);
+            }
+            Ok(sb) => sb,
+            Err(_) if stopping => return Ok(None),
+            Err(e) => return Err(e.into()),
         };
         let _ = std::fs::write(
             sb.dir.join(warm::PID_FILE),
@@ -171,6 +190,7 @@ pub fn warm(args: &Args) -> Result<()> {
             .with_context(|| format!("listen on {}", sock.display()))?;
         let ready = args.id.replacen(warm::BOOTING, warm::READY, 1);
         sb.rename(&cfg, &ready)?;
+        let _ = std::fs::remove_file(warm::marker(&cfg, &args.id));
         tracing::info!(sandbox = %ready, ms = t.elapsed().as_millis() as u64, "warm sandbox ready");
         let mut vmm_exit = sb.vmm_exit.clone();
         let (req, fd, stream) = loop {
@@ -236,8 +256,12 @@ pub fn warm(args: &Args) -> Result<()> {
     });
     match adopted {
         Ok(Some(socket)) => exit(socket),
-        Ok(None) => Ok(()),
+        Ok(None) => {
+            let _ = std::fs::remove_file(&marker);
+            Ok(())
+        }
         Err(e) => {
+            let _ = std::fs::remove_file(&marker);
             tracing::error!("warm sandbox {}: {e:#}", args.id);
             Err(e)
         }

@@ -93,10 +93,11 @@ pub fn start(args: &Args) -> Result<()> {
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket).with_context(|| format!("listen on {sock_str}"))?;
     let fd: OwnedFd = listener.into();
-    // Warm sandboxes: only with a configuration that asks for them (a bad one is Create's to
-    // report), and for a pod of the default size.
-    let cfg = start_config().filter(|c| c.factory.warm_vms > 0);
-    if let Some(cfg) = &cfg {
+    // Warm sandboxes: claimed only with a configuration that asks for them (a bad one is
+    // Create's to report), and for a pod of the default size; every start brings its
+    // configuration's pool to what it asks now (`refill`, also when that is none).
+    let cfg = start_config();
+    if let Some(cfg) = cfg.as_ref().filter(|c| c.factory.warm_vms > 0) {
         let default_size = spec::load(&bundle)
             .ok()
             .and_then(|s| cfg.sizing(&spec::annotations(&s)).ok())

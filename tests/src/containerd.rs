@@ -104,7 +104,8 @@ impl HullPaths {
             kernel: img.vmlinux,
             initrd: img.initramfs,
             virtiofsd: crate::virtiofsd::binary(),
-            debug: false,
+            // `HULL_TEST_DEBUG=1`: the guests' consoles in containerd's log (slower boots).
+            debug: std::env::var_os("HULL_TEST_DEBUG").is_some_and(|v| v == "1"),
         }
     }
 }
