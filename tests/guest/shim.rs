@@ -548,7 +548,11 @@ fn two_containers_of_a_pod_share_the_vm_but_not_their_files() {
 
 /// Waits (bounded) until Hull left nothing behind, and asserts it.
 fn wait_clean() {
-    let c = ctd();
+    wait_clean_of(ctd());
+}
+
+/// [`wait_clean`] for containerd `c`.
+fn wait_clean_of(c: &Containerd) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut left = leftovers(c);
     while !left.is_empty() && Instant::now() < deadline {
@@ -1053,7 +1057,11 @@ fn a_warm_sandbox_serves_the_next_pod_and_the_pool_drains() {
     let fresh = wait_until_pool(c, |e| e.len() == 1 && e[0] != warm && is_ready(&e[0]));
     let vmm = pid_in(&fresh[0].join("vmm.pid"));
     let args = std::fs::read_to_string(format!("/proc/{vmm}/cmdline")).unwrap();
-    assert!(args.contains("\0--memory\0288\0"), "{args:?}");
+    let args: Vec<&str> = args.split('\0').collect();
+    assert!(
+        args.windows(2).any(|w| w == ["--memory", "288"]),
+        "{args:?}"
+    );
     assert!(
         !warm.exists(),
         "the warm sandbox of the old configuration is still there"
@@ -1140,4 +1148,143 @@ fn kata_annotations_size_the_vm() {
     let t = text(&out.stdout);
     let kib: u64 = t.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!(kib > 400 * 1024, "{t}");
+}
+
+/// containerd 1.7 (Debian 13's package) and 2.x (Debian unstable's), unpacked by `cargo xtask
+/// test`, drive the same shim as Debian 12's 1.6 does: the start handshake (2.x takes the plain
+/// address as its version-2 fallback and speaks `containerd.task.v2.Task`), output and exit codes
+/// through Wait, exec into a running container, SIGTERM, the task events, and nothing left after.
+#[test]
+fn containerd_1_7_and_2_x_drive_the_shim_as_1_6_does() {
+    use std::io::{BufRead as _, Read as _};
+    let _m = machine();
+    for (var, want, short) in [
+        ("HULL_CONTAINERD_1_7", " 1.7.", "c17"),
+        ("HULL_CONTAINERD_2", " 2.", "c2"),
+    ] {
+        let bin = PathBuf::from(
+            std::env::var(var)
+                .unwrap_or_else(|_| panic!("{var} is unset (cargo xtask test sets it)")),
+        );
+        let version = Command::new(bin.join("containerd"))
+            .arg("--version")
+            .output()
+            .unwrap();
+        let version = text(&version.stdout);
+        assert!(version.contains(want), "{var}: {version}");
+        // Short: the shim's socket path under it must fit in a sockaddr_un.
+        let dir = PathBuf::from(format!("/run/hull-{short}-{}", std::process::id()));
+        let paths = HullPaths {
+            vmm: hull_tests::vmm_bin(),
+            ..HullPaths::workspace("debug")
+        };
+        let c = Containerd::start_release(&dir, &paths, true, Some(&bin))
+            .unwrap_or_else(|e| panic!("{version}: {e}"));
+        c.import_busybox()
+            .unwrap_or_else(|e| panic!("{version}: {e}"));
+        let ctr = |args: &[&str]| -> Output {
+            let out = c.ctr_output(args);
+            assert!(
+                out.status.success(),
+                "{version}: ctr {args:?}: {}\ncontainerd: {}",
+                text(&out.stderr),
+                tail(&c.log(), 40)
+            );
+            out
+        };
+        let mut events = c
+            .ctr(&["events"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+
+        // Output and the exit code, through Wait.
+        let out = c.ctr_output(&[
+            "run",
+            "--rm",
+            "--runtime",
+            HULL_RUNTIME,
+            BUSYBOX_IMAGE,
+            "rel-echo",
+            "sh",
+            "-c",
+            "printf 'from the VM\\n'; exit 7",
+        ]);
+        assert_eq!(
+            (out.status.code(), text(&out.stdout).as_str()),
+            (Some(7), "from the VM\n"),
+            "{version}: {}\ncontainerd: {}",
+            text(&out.stderr),
+            tail(&c.log(), 40)
+        );
+
+        // exec into a running container, then SIGTERM it.
+        let mut run = c
+            .ctr(&[
+                "run",
+                "--rm",
+                "--runtime",
+                HULL_RUNTIME,
+                BUSYBOX_IMAGE,
+                "rel-svc",
+                "sh",
+                "-c",
+                SERVICE,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = KillAfter::arm(run.id() as i32, CTR_TIMEOUT);
+        let mut stdout = std::io::BufReader::new(run.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(
+            line,
+            "ready\n",
+            "{version}: containerd: {}",
+            tail(&c.log(), 40)
+        );
+        let out = ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            "rel-svc",
+            "echo",
+            "exec ok",
+        ]);
+        assert_eq!(text(&out.stdout), "exec ok\n", "{version}");
+        ctr(&["task", "kill", "-s", "SIGTERM", "rel-svc"]);
+        let mut rest = String::new();
+        stdout.read_to_string(&mut rest).unwrap();
+        let st = run.wait().unwrap();
+        assert!(!deadline.disarm(), "{version}: ctr run rel-svc hung");
+        assert_eq!(
+            (st.code(), rest.as_str()),
+            (Some(143), "term\n"),
+            "{version}"
+        );
+
+        let _ = events.kill();
+        let log = text(&events.wait_with_output().unwrap().stdout);
+        for (id, topic) in [
+            ("rel-echo", "/tasks/create"),
+            ("rel-echo", "/tasks/start"),
+            ("rel-echo", "/tasks/exit"),
+            ("rel-echo", "/tasks/delete"),
+            ("rel-svc", "/tasks/exec-added"),
+            ("rel-svc", "/tasks/exec-started"),
+            ("rel-svc", "/tasks/exit"),
+        ] {
+            assert!(
+                log.lines().any(|l| l.contains(topic) && l.contains(id)),
+                "{version}: no {topic} event for {id}: {log}"
+            );
+        }
+        wait_clean_of(&c);
+    }
 }

@@ -125,6 +125,8 @@ pub struct Containerd {
     pub shim_dir: PathBuf,
     /// Started here (stopped and removed on drop), or attached to.
     owned: bool,
+    /// The directory holding `containerd` and `ctr` (`None`: Debian's, on `PATH`).
+    bin: Option<PathBuf>,
 }
 
 fn toml_str(p: &Path) -> String {
@@ -135,6 +137,17 @@ impl Containerd {
     /// Starts containerd in `dir` (created; a tmpfs is mounted on it when `own_tmpfs`) and waits
     /// until it answers.
     pub fn start(dir: &Path, hull: &HullPaths, own_tmpfs: bool) -> Result<Self, String> {
+        Self::start_release(dir, hull, own_tmpfs, None)
+    }
+
+    /// [`Containerd::start`] with the `containerd` and `ctr` of directory `bin` (another
+    /// release than the installed one) when given.
+    pub fn start_release(
+        dir: &Path,
+        hull: &HullPaths,
+        own_tmpfs: bool,
+        bin: Option<&Path>,
+    ) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         if own_tmpfs {
             let st = Command::new("mount")
@@ -187,7 +200,8 @@ impl Containerd {
         );
         let log = std::fs::File::create(dir.join("containerd.log"))
             .map_err(|e| format!("create containerd.log: {e}"))?;
-        let child = Command::new("containerd")
+        let daemon = bin.map_or(PathBuf::from("containerd"), |b| b.join("containerd"));
+        let child = Command::new(&daemon)
             .arg("--config")
             .arg(&config)
             .env("PATH", path)
@@ -196,7 +210,12 @@ impl Containerd {
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
             .spawn()
-            .map_err(|e| format!("start containerd (Debian package containerd): {e}"))?;
+            .map_err(|e| {
+                format!(
+                    "start {} (Debian package containerd): {e}",
+                    daemon.display()
+                )
+            })?;
         let me = Self {
             child: Some(child),
             dir: dir.to_path_buf(),
@@ -205,6 +224,7 @@ impl Containerd {
             hull_state,
             shim_dir: hull.shim_dir.clone(),
             owned: true,
+            bin: bin.map(Path::to_path_buf),
         };
         // Ready when `ctr version` gets an answer from the daemon.
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -240,12 +260,17 @@ impl Containerd {
             hull_state: PathBuf::from("/run/hull"),
             shim_dir: PathBuf::new(),
             owned: false,
+            bin: None,
         }
     }
 
     /// `ctr --address <socket> -n default ARGS`.
     pub fn ctr(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ctr");
+        let mut c = Command::new(
+            self.bin
+                .as_ref()
+                .map_or(PathBuf::from("ctr"), |b| b.join("ctr")),
+        );
         c.arg("--address")
             .arg(&self.address)
             .args(["-n", "default"])

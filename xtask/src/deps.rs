@@ -113,3 +113,91 @@ fn ensure_apt() -> Result<()> {
     args.extend(&missing);
     apt(&args)
 }
+
+/// The containerd releases besides Debian 12's 1.6 that the shim suite drives Hull with:
+/// (environment variable the suite reads, Debian suite the package comes from, directory under
+/// `target/tools/`). Debian 13 ships 1.7; unstable ships 2.x.
+pub const OTHER_CONTAINERDS: &[(&str, &str, &str)] = &[
+    ("HULL_CONTAINERD_1_7", "trixie", "containerd-trixie"),
+    ("HULL_CONTAINERD_2", "sid", "containerd-sid"),
+];
+
+/// Unpacks Debian's `containerd` package of each of [`OTHER_CONTAINERDS`] into `target/tools/`
+/// (not installed: only its `containerd` and `ctr` are run, from there; they need nothing but
+/// libc) unless it is there already. Returns (variable, directory holding the binaries) pairs.
+pub fn other_containerds() -> Result<Vec<(String, std::path::PathBuf)>> {
+    let tools = crate::cargo::root().join("target/tools");
+    let missing: Vec<_> = OTHER_CONTAINERDS
+        .iter()
+        .filter(|(_, _, dir)| !tools.join(dir).join("usr/bin/containerd").is_file())
+        .collect();
+    if !missing.is_empty() {
+        // A private apt setup: the machine's own sources (and its packages) stay as they are.
+        let apt = tools.join("apt");
+        for d in ["lists/partial", "cache/archives/partial"] {
+            std::fs::create_dir_all(apt.join(d))?;
+        }
+        let sources = apt.join("sources.list");
+        let text: String = missing
+            .iter()
+            .map(|(_, suite, _)| {
+                format!("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian {suite} main\n")
+            })
+            .collect();
+        std::fs::write(&sources, text)?;
+        let opts = [
+            format!("-oDir::Etc::sourcelist={}", sources.display()),
+            "-oDir::Etc::sourceparts=/nonexistent".to_string(),
+            format!("-oDir::State::Lists={}", apt.join("lists").display()),
+            format!("-oDir::Cache={}", apt.join("cache").display()),
+            "-oAPT::Sandbox::User=root".to_string(),
+            "-qq".to_string(),
+        ];
+        let apt_get = |args: &[&str]| -> Result<()> {
+            let st = Command::new("apt-get")
+                .args(&opts)
+                .args(args)
+                .current_dir(&apt)
+                .status()
+                .context("running apt-get")?;
+            if !st.success() {
+                bail!(
+                    "apt-get {} (Debian's other containerd releases) failed ({st}): check the network and retry",
+                    args.join(" ")
+                );
+            }
+            Ok(())
+        };
+        apt_get(&["update"])?;
+        for (_, suite, dir) in missing {
+            println!("deps: unpacking Debian {suite}'s containerd into target/tools/{dir}");
+            for old in std::fs::read_dir(&apt)?.flatten() {
+                if old.file_name().to_string_lossy().ends_with(".deb") {
+                    std::fs::remove_file(old.path())?;
+                }
+            }
+            apt_get(&["download", &format!("containerd/{suite}")])?;
+            let deb = std::fs::read_dir(&apt)?
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|e| e == "deb"))
+                .context("apt-get download left no .deb")?;
+            let out = tools.join(dir);
+            let _ = std::fs::remove_dir_all(&out);
+            let st = Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(&deb)
+                .arg(&out)
+                .status()
+                .context("running dpkg-deb")?;
+            if !st.success() {
+                bail!("dpkg-deb -x {} failed ({st})", deb.display());
+            }
+            std::fs::remove_file(&deb)?;
+        }
+    }
+    Ok(OTHER_CONTAINERDS
+        .iter()
+        .map(|(var, _, dir)| (var.to_string(), tools.join(dir).join("usr/bin")))
+        .collect())
+}

@@ -37,7 +37,8 @@ enum Command {
     GuestImage(guest_image::Args),
     /// Run a command inside the nested-KVM harness (L1 VM), or directly on a hardware-KVM host.
     Harness(harness::Args),
-    /// Install the Debian packages the project needs.
+    /// Install the Debian packages the project needs (and unpack containerd 1.7 and 2.x for the
+    /// shim suite).
     Deps,
     /// The part of the main job that runs where guests boot (used by `run`).
     #[command(hide = true)]
@@ -54,7 +55,7 @@ fn main() -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::GuestImage(args) => guest_image::run(args),
         Command::Harness(args) => harness::run(args),
-        Command::Deps => deps::ensure(),
+        Command::Deps => deps::ensure().and_then(|()| deps::other_containerds().map(drop)),
         Command::BenchInner(args) => bench::inner(args),
         Command::RunInner(args) => run::inner(args),
     }

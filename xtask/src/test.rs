@@ -88,6 +88,10 @@ pub fn run(args: Args) -> Result<()> {
                 vm_logs.display().to_string(),
             ),
         ];
+        // containerd 1.7 and 2.x for the shim suite, beside Debian 12's 1.6.
+        for (var, dir) in deps::other_containerds()? {
+            env.push((var, dir.display().to_string()));
+        }
         // The suites boot the kernel this run built (HULL_GUEST_KERNEL picks which).
         env.push(("HULL_GUEST_DIR".to_owned(), image.dir.display().to_string()));
         // One test at a time: L1 has two vCPUs, and oversubscribing them with L2 vCPUs makes nested
