@@ -856,17 +856,21 @@ fn bad_configuration_and_annotations_fail_the_create_with_a_message() {
     wait_clean();
 }
 
-#[test]
-fn events_reach_containerd_and_an_oom_kill_is_one() {
-    let _m = machine();
-    let c = ctd();
-    let mut events = c
-        .ctr(&["events"])
+/// `ctr events` of containerd `c`, its output piped (kill it, then read).
+fn ctr_events(c: &Containerd) -> std::process::Child {
+    c.ctr(&["events"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn events_reach_containerd_and_an_oom_kill_is_one() {
+    let _m = machine();
+    let c = ctd();
+    let mut events = ctr_events(c);
     // 64 MiB for the container; `tail` holds all of /dev/zero's one endless line.
     let out = ctr_run(
         "oom1",
@@ -907,29 +911,11 @@ fn events_reach_containerd_and_an_oom_kill_is_one() {
 
 /// The ready warm sandbox directory (`.warm-…`) in the state directory, once there is one.
 fn wait_for_warm(c: &Containerd) -> PathBuf {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let ready = std::fs::read_dir(&c.hull_state).ok().and_then(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .find(|p| {
-                    p.file_name()
-                        .unwrap()
-                        .to_string_lossy()
-                        .starts_with(".warm-")
-                })
-                .filter(|p| p.is_dir())
-        });
-        if let Some(p) = ready {
-            return p;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no warm sandbox within 180 s; warm log: {}",
-            std::fs::read_to_string(c.hull_state.join(".warm.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let ready = |p: &PathBuf| is_ready(p) && p.is_dir();
+    wait_until_pool(c, |e| e.iter().any(ready))
+        .into_iter()
+        .find(ready)
+        .unwrap()
 }
 
 /// Runs `containerd-shim-kata-v2 drain-warm` for configuration `config`.
@@ -1204,13 +1190,7 @@ fn containerd_1_7_and_2_x_drive_the_shim_as_1_6_does() {
             );
             out
         };
-        let mut events = c
-            .ctr(&["events"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut events = ctr_events(&c);
 
         // Output and the exit code, through Wait.
         let out = c.ctr_output(&[
