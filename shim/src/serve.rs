@@ -152,6 +152,7 @@ pub fn warm(args: &Args) -> Result<()> {
     let cfg = Config::load(&path, required)?;
     let rt = runtime()?;
     let marker = warm::marker(&cfg, &args.id);
+    let ready_marker = marker.clone();
     let adopted = rt.block_on(async move {
         let mut term = signal(SignalKind::terminate())?;
         let size = cfg.default_sizing();
@@ -190,7 +191,7 @@ pub fn warm(args: &Args) -> Result<()> {
             .with_context(|| format!("listen on {}", sock.display()))?;
         let ready = args.id.replacen(warm::BOOTING, warm::READY, 1);
         sb.rename(&cfg, &ready)?;
-        let _ = std::fs::remove_file(warm::marker(&cfg, &args.id));
+        let _ = std::fs::remove_file(&ready_marker);
         tracing::info!(sandbox = %ready, ms = t.elapsed().as_millis() as u64, "warm sandbox ready");
         let mut vmm_exit = sb.vmm_exit.clone();
         let (req, fd, stream) = loop {

@@ -183,10 +183,15 @@ fn live_shim(file: &Path) -> Option<i32> {
         .parse()
         .ok()
         .filter(|&p| p > 1)?;
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
-    exe.file_name()
-        .is_some_and(|n| n.to_string_lossy().starts_with("containerd-shim"))
-        .then_some(pid)
+    is_shim(pid).then_some(pid)
+}
+
+/// Whether process `pid` runs and is a shim (a zombie no longer is).
+fn is_shim(pid: i32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
+        exe.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("containerd-shim"))
+    })
 }
 
 /// The shim of warm sandbox directory `dir`, while it runs.
@@ -382,7 +387,14 @@ pub fn answer(mut stream: &UnixStream, text: &str) {
 pub fn refill(cfg: &Config) {
     let state = &cfg.runtime.state_dir;
     let want = cfg.factory.warm_vms as usize;
-    if want == 0 && list(state).is_empty() {
+    let source = source_tag(cfg);
+    // No pool asked for and nothing of this configuration's (or dead) to clear: the usual cold
+    // start, without the lock.
+    if want == 0
+        && !list(state)
+            .iter()
+            .any(|e| e.source == source || e.pid.is_none())
+    {
         return;
     }
     let _lock = match lock(state, false) {
@@ -396,7 +408,6 @@ pub fn refill(cfg: &Config) {
     let entries = list(state);
     sweep(&entries);
     let key = key(cfg, cfg.default_sizing());
-    let source = source_tag(cfg);
     let (missing, stop) = plan(&entries, &key, &source, want);
     for pid in stop {
         // SAFETY: kill(2) on a warm shim (checked by its executable): it stops its sandbox.
@@ -546,22 +557,16 @@ pub fn drain(cfg: &Config) -> Result<usize> {
         // still booting kills its hull-vmm and virtiofsd, and the failed boot cleans up).
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
-    let alive = |pid: i32| {
-        std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
-            exe.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("containerd-shim"))
-        })
-    };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while pids.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+    while pids.iter().any(|&p| is_shim(p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    for &pid in pids.iter().filter(|&&p| alive(p)) {
+    for &pid in pids.iter().filter(|&&p| is_shim(p)) {
         // SAFETY: as above; it did not stop in time.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     let deadline = Instant::now() + Duration::from_secs(5);
-    while pids.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+    while pids.iter().any(|&p| is_shim(p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     sweep(&list(state));

@@ -129,6 +129,11 @@ pub struct Containerd {
     bin: Option<PathBuf>,
 }
 
+/// `name` in directory `bin`, or on `PATH` without one.
+fn release_bin(bin: Option<&Path>, name: &str) -> PathBuf {
+    bin.map_or_else(|| PathBuf::from(name), |b| b.join(name))
+}
+
 fn toml_str(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
 }
@@ -200,7 +205,7 @@ impl Containerd {
         );
         let log = std::fs::File::create(dir.join("containerd.log"))
             .map_err(|e| format!("create containerd.log: {e}"))?;
-        let daemon = bin.map_or(PathBuf::from("containerd"), |b| b.join("containerd"));
+        let daemon = release_bin(bin, "containerd");
         let child = Command::new(&daemon)
             .arg("--config")
             .arg(&config)
@@ -266,11 +271,7 @@ impl Containerd {
 
     /// `ctr --address <socket> -n default ARGS`.
     pub fn ctr(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(
-            self.bin
-                .as_ref()
-                .map_or(PathBuf::from("ctr"), |b| b.join("ctr")),
-        );
+        let mut c = Command::new(release_bin(self.bin.as_deref(), "ctr"));
         c.arg("--address")
             .arg(&self.address)
             .args(["-n", "default"])
