@@ -5,7 +5,8 @@
 //! 3. every host test (`cargo test --workspace`: unit tests, CLI tests; no KVM needed);
 //! 4. the guest image and the guest suites (`hull-tests --features guest`), run in ONE boot of the
 //!    nested-KVM harness (or directly on a hardware-KVM host), their output kept under
-//!    `target/test-logs/`; if L1 itself fails, another boot resumes where it stopped
+//!    `target/test-logs/`; if L1 itself fails, another boot resumes where it stopped, and a test
+//!    the harness's nested SVM failed (an L2 vCPU at L1's `kvm_amd` code) runs once more
 //!    ([`guest_suites`]);
 //! 5. a closing line `summary: N passed, M failed`.
 
