@@ -751,8 +751,18 @@ pub mod cases {
         ctx.remove(&id, true).await.unwrap();
     }
 
-    /// 50 containers created, run and removed concurrently.
+    /// 50 containers created, run and removed concurrently. The agent's working directory is the
+    /// same after (libcontainer's start changes it for a moment: a start must not leave another
+    /// in the wrong directory). On the host, where the test can read it.
     pub async fn fifty_concurrent(ctx: Ctx) {
+        let agent_cwd = || match &ctx.target {
+            hull_agent_api::client::Target::Unix(_) => Some(
+                std::fs::read_link(format!("/proc/{}/cwd", ctx.agent_pid))
+                    .expect("the host agent's working directory"),
+            ),
+            hull_agent_api::client::Target::HybridVsock { .. } => None,
+        };
+        let cwd = agent_cwd();
         let runs = (0..50).map(|i| {
             let ctx = ctx.clone();
             async move {
@@ -763,6 +773,7 @@ pub mod cases {
             }
         });
         futures_join_all(runs).await;
+        assert_eq!(agent_cwd(), cwd);
     }
 
     /// After RemoveContainer no process, mount or cgroup of it is left.

@@ -34,6 +34,14 @@ use self::stdio::{Pipes, Stream};
 use crate::error::AgentError;
 use crate::reaper::Reaper;
 
+/// Held while libcontainer starts a container in the agent's process. Its start connects to the
+/// container's notify socket by changing the process's working directory to the container's state
+/// directory and back (`NotifySocket`: socket paths are limited to 108 bytes). The working
+/// directory is the whole process's: two starts at once on the agent's threads would connect to
+/// each other's sockets and could leave the agent in a directory since removed (seen: "failed to
+/// get cwd" under 50 concurrent starts). Creating runs in a helper process of its own.
+static CWD: Mutex<()> = Mutex::new(());
+
 /// The largest read or write of a stream.
 pub const MAX_IO: usize = 1 << 20;
 
@@ -416,8 +424,17 @@ impl Containers {
                 lc.status()
             )));
         }
-        lc.start()
-            .map_err(|e| AgentError::Failed(format!("start container {id}: {e}")))
+        // Blocking (a socket connect and state file writes), and serialised: see [`CWD`].
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let _cwd = CWD
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            lc.start()
+                .map_err(|e| AgentError::Failed(format!("start container {id}: {e}")))
+        })
+        .await
+        .map_err(|e| internal(format!("the start task failed: {e}")))?
     }
 
     /// ExecProcess.
