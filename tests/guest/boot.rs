@@ -118,6 +118,41 @@ fn guest_reboot_ends_the_vmm() {
 }
 
 #[test]
+fn a_panic_with_the_console_off_leaves_its_last_console_lines() {
+    // As above (no init: the kernel panics and reboots), with the console off: hull-vmm's log then
+    // carries the console's last lines, the panic among them, before its own last word.
+    let img = guest_image();
+    let run = boot(
+        &img.vmlinux,
+        1,
+        256,
+        &[
+            "--console",
+            "off",
+            "--cmdline",
+            "console=ttyS0 quiet reboot=k panic=-1 pci=off rdinit=/nonexistent init=/nonexistent",
+        ],
+    );
+    assert!(run.status.success(), "{run:?}");
+    assert_eq!(run.stdout, "", "{run:?}");
+    let tail_at = run
+        .stderr
+        .find("the guest console's last")
+        .unwrap_or_else(|| panic!("no console lines: {run:?}"));
+    let panic_at = run
+        .stderr
+        .find("Kernel panic - not syncing")
+        .unwrap_or_else(|| panic!("no panic among them: {run:?}"));
+    assert!(tail_at < panic_at, "{run:?}");
+    assert!(
+        run.stderr
+            .trim_end()
+            .ends_with("hull-vmm: guest requested a reboot"),
+        "{run:?}"
+    );
+}
+
+#[test]
 fn unprivileged_user_gets_a_permission_error() {
     // A private copy of the KVM node, readable by root only; hull-vmm run as 'nobody'.
     let img = guest_image();

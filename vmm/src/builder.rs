@@ -19,7 +19,7 @@ use crate::boot::{self, BootError, KernelFormat};
 use crate::config::{ConfigError, ConsoleConfig, VmConfig};
 use crate::device_manager::MmioDeviceManager;
 use crate::devices::legacy::i8042::I8042;
-use crate::devices::legacy::serial::{ConsoleSink, SerialDevice};
+use crate::devices::legacy::serial::{ConsoleSink, ConsoleTail, SerialDevice};
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::power::PowerDevice;
 use crate::event_loop::EventLoopBuilder;
@@ -86,10 +86,12 @@ pub enum BuildError {
     Signal(std::io::Error),
 }
 
-fn console_sink(cfg: &ConsoleConfig) -> Result<ConsoleSink, BuildError> {
+/// The console's sink, and with the console off, the tail of it that is still kept.
+fn console_sink(cfg: &ConsoleConfig) -> Result<(ConsoleSink, Option<ConsoleTail>), BuildError> {
+    let mut tail = None;
     let out: Box<dyn Write + Send> = match cfg {
         ConsoleConfig::Stdout => Box::new(std::io::stdout()),
-        ConsoleConfig::Off => Box::new(std::io::sink()),
+        ConsoleConfig::Off => Box::new(tail.insert(ConsoleTail::default()).clone()),
         ConsoleConfig::File(p) => Box::new(
             OpenOptions::new()
                 .create(true)
@@ -98,7 +100,7 @@ fn console_sink(cfg: &ConsoleConfig) -> Result<ConsoleSink, BuildError> {
                 .map_err(|e| BuildError::Console(p.display().to_string(), e))?,
         ),
     };
-    Ok(ConsoleSink::new(out))
+    Ok((ConsoleSink::new(out), tail))
 }
 
 fn load_cmdline_into(mem: &vm_memory::GuestMemoryMmap, cmdline: &str) -> Result<usize, BootError> {
@@ -167,9 +169,10 @@ pub fn build_microvm(config: &VmConfig) -> Result<Vmm, BuildError> {
     let serial_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| BuildError::Irq("serial", e))?;
     vm.register_irqfd(&serial_evt, irq::SERIAL_COM1)
         .map_err(|e| BuildError::Irq("serial", std::io::Error::from_raw_os_error(e.errno())))?;
+    let (console, console_tail) = console_sink(&config.console)?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(
         EventFdTrigger::new(serial_evt),
-        console_sink(&config.console)?,
+        console,
     )));
     let mut pio_bus = Bus::new();
     pio_bus.insert(
@@ -250,6 +253,7 @@ pub fn build_microvm(config: &VmConfig) -> Result<Vmm, BuildError> {
         events,
         dump: exit.dump_trigger(),
         serial,
+        console_tail,
         event_loop,
         _vm: vm,
         _mem: mem,

@@ -1,5 +1,6 @@
 //! A running microVM: its vCPU threads, devices and memory, how it ends, and the state dump of its
-//! vCPUs on request ([`DumpTrigger`]).
+//! vCPUs on request ([`DumpTrigger`]). With the console off, the guest's last console lines are
+//! logged when it dies (a reset, a triple fault, a failed vCPU) and with every state dump.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -11,7 +12,7 @@ use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::Killable;
 
-use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::legacy::serial::{ConsoleTail, SerialDevice};
 use crate::kvm::vcpu::{kick_signal, request_state_dump, VcpuError};
 
 /// How the guest ended.
@@ -150,6 +151,8 @@ pub struct Vmm {
     pub(crate) events: Receiver<Report>,
     pub(crate) dump: DumpTrigger,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    /// The console's last lines when it is off (`--console off`).
+    pub(crate) console_tail: Option<ConsoleTail>,
     pub(crate) event_loop: crate::event_loop::EventLoop,
     // Kept alive for as long as the vCPUs run: KVM maps this memory.
     pub(crate) _vm: VmFd,
@@ -176,18 +179,44 @@ impl Vmm {
                 .expect("the VMM holds a sender for as long as vCPUs run")
             {
                 Report::Ended(event) => break event,
-                Report::DumpRequested => self.kick_for_dump(),
+                Report::DumpRequested => {
+                    self.kick_for_dump();
+                    self.log_console_tail("on request (SIGUSR2)");
+                }
             }
         };
         self.stop_vcpus();
         self.event_loop.stop();
         self.serial.lock().expect("serial lock").drain();
+        match &event {
+            Ok(ExitReason::PowerOff | ExitReason::BackendGone) => {}
+            Ok(ExitReason::Reboot | ExitReason::TripleFault) | Err(_) => {
+                self.log_console_tail("at the guest's end")
+            }
+        }
         tracing::debug!(
             elapsed_ms = self.started.elapsed().as_millis() as u64,
             ?event,
             "VM ended"
         );
         event
+    }
+
+    /// Logs the kept console lines (with the console off: otherwise they are already out).
+    fn log_console_tail(&self, when: &str) {
+        let Some(tail) = &self.console_tail else {
+            return;
+        };
+        let lines = tail.lines();
+        if lines.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            "the guest console's last {} lines {when} (the console is off; `--console stdout` \
+             or `file:PATH` keeps all of it):\n{}",
+            lines.len(),
+            lines.join("\n")
+        );
     }
 
     fn kick_for_dump(&self) {

@@ -2,9 +2,13 @@
 //! sink, its interrupt through an irqfd.
 //!
 //! vm-superio flushes its writer after every byte; the [`ConsoleSink`] therefore buffers until a
-//! newline (or 4 KiB) so a boot log costs one write per line, not per byte.
+//! newline (or 4 KiB) so a boot log costs one write per line, not per byte. With the console off,
+//! the last lines are still kept ([`ConsoleTail`]): a quiet guest prints little, but what it does
+//! print (a panic, a lockup warning) is what explains its death.
 
+use std::collections::VecDeque;
 use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
@@ -56,6 +60,43 @@ impl Write for ConsoleSink {
     }
 }
 
+/// The last [`ConsoleTail::LINES`] console lines, in memory: the console's destination when it is
+/// off. Clones share the lines.
+#[derive(Clone, Default)]
+pub struct ConsoleTail(Arc<Mutex<VecDeque<String>>>);
+
+impl ConsoleTail {
+    /// How many lines are kept.
+    pub const LINES: usize = 60;
+
+    /// The kept lines, oldest first, without their line ends.
+    pub fn lines(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .expect("console tail lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+impl Write for ConsoleTail {
+    /// Takes one line (or a cut piece of one) as [`ConsoleSink`] hands it over.
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let mut lines = self.0.lock().expect("console tail lock");
+        if lines.len() == Self::LINES {
+            lines.pop_front();
+        }
+        lines.push_back(text.trim_end_matches(['\r', '\n']).to_owned());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The UART on the bus.
 pub struct SerialDevice {
     serial: Serial<EventFdTrigger, NoEvents, ConsoleSink>,
@@ -94,7 +135,6 @@ impl BusDevice for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     #[derive(Clone, Default)]
@@ -129,6 +169,28 @@ mod tests {
         let mut lsr = [0u8];
         dev.read(5, &mut lsr);
         assert_eq!(lsr[0] & 0x60, 0x60);
+    }
+
+    #[test]
+    fn the_tail_keeps_the_last_lines() {
+        let tail = ConsoleTail::default();
+        let mut sink = ConsoleSink::new(Box::new(tail.clone()));
+        for i in 0..ConsoleTail::LINES + 5 {
+            write!(sink, "line {i}\r\n").unwrap();
+        }
+        sink.write_all(b"Kernel panic - not syncing: \xff").unwrap();
+        sink.drain().unwrap();
+        let lines = tail.lines();
+        assert_eq!(lines.len(), ConsoleTail::LINES);
+        assert_eq!(lines[0], "line 6");
+        assert_eq!(
+            lines[ConsoleTail::LINES - 2],
+            format!("line {}", ConsoleTail::LINES + 4)
+        );
+        assert_eq!(
+            lines[ConsoleTail::LINES - 1],
+            "Kernel panic - not syncing: \u{fffd}"
+        );
     }
 
     #[test]
