@@ -14,6 +14,11 @@ const LIMIT: Duration = Duration::from_secs(240);
 const ONESHOT_CMDLINE: &str =
     "console=ttyS0 quiet reboot=k panic=-1 pci=off cryptomgr.notests hull.oneshot";
 
+/// No init in the initramfs: the kernel panics, and panic=-1 reboots at once (reboot=k: through
+/// the i8042 reset line).
+const NO_INIT_CMDLINE: &str =
+    "console=ttyS0 quiet reboot=k panic=-1 pci=off rdinit=/nonexistent init=/nonexistent";
+
 fn boot(kernel: &std::path::Path, vcpus: u8, memory_mib: u32, extra: &[&str]) -> VmRun {
     let mut cmd = vmm_command(kernel, vcpus, memory_mib);
     if !extra.contains(&"--cmdline") {
@@ -96,18 +101,8 @@ fn console_to_file_and_off() {
 
 #[test]
 fn guest_reboot_ends_the_vmm() {
-    // No init in the initramfs: the kernel panics, and panic=-1 reboots at once (reboot=k: through
-    // the i8042 reset line).
     let img = guest_image();
-    let run = boot(
-        &img.vmlinux,
-        1,
-        256,
-        &[
-            "--cmdline",
-            "console=ttyS0 quiet reboot=k panic=-1 pci=off rdinit=/nonexistent init=/nonexistent",
-        ],
-    );
+    let run = boot(&img.vmlinux, 1, 256, &["--cmdline", NO_INIT_CMDLINE]);
     assert!(run.status.success(), "{run:?}");
     assert_eq!(
         run.stderr.trim(),
@@ -119,19 +114,14 @@ fn guest_reboot_ends_the_vmm() {
 
 #[test]
 fn a_panic_with_the_console_off_leaves_its_last_console_lines() {
-    // As above (no init: the kernel panics and reboots), with the console off: hull-vmm's log then
+    // As above (the kernel panics and reboots), with the console off: hull-vmm's log then
     // carries the console's last lines, the panic among them, before its own last word.
     let img = guest_image();
     let run = boot(
         &img.vmlinux,
         1,
         256,
-        &[
-            "--console",
-            "off",
-            "--cmdline",
-            "console=ttyS0 quiet reboot=k panic=-1 pci=off rdinit=/nonexistent init=/nonexistent",
-        ],
+        &["--console", "off", "--cmdline", NO_INIT_CMDLINE],
     );
     assert!(run.status.success(), "{run:?}");
     assert_eq!(run.stdout, "", "{run:?}");
